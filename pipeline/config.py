@@ -1,0 +1,297 @@
+"""Job specs: frozen, keyword-only dataclasses validated on construction, round-tripping to TOML.
+
+A spec file has one table per section::
+
+    inputs = ["s3://bucket/photos/*.tar"]
+    output = "s3://bucket/cubes/run1"
+
+    [weights]      # path = "" → the package's default weights
+    [inference]    # mode, precision, channels_last, device
+    [tiling]       # max_tile_pixels, tile_core, halo
+    [output_options]  # dtype, chunk, compressor, level
+    [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
+    [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
+
+Configs hold no live objects and no secrets: the ``storage`` table may name environment variables
+(``key_env``, ``secret_env``) but never hold a secret itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "WeightsSpec",
+    "InferenceSpec",
+    "TilingSpec",
+    "OutputSpec",
+    "RaySpec",
+    "JobSpec",
+    "load_spec",
+    "parse_overrides",
+]
+
+T = TypeVar("T")
+
+_SECRET_FIELDS = {"key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id", "sas_token", "account_key"}
+
+
+def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{section}.{name} = {value!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightsSpec:
+    """Which weights to use. ``path`` empty: the package's default weights."""
+
+    path: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in self.sha256)), "weights", "sha256", self.sha256, "must be 64 hex digits or empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferenceSpec:
+    """How the model runs.
+
+    mode: reconstruction of single-tile images whose size is not a multiple of 4 — ``"pad"`` (reflect pad,
+      one pass) or ``"authors"`` (the authors' overlapping passes).
+    precision: ``fp32`` (default, reference), ``bf16``/``fp16`` (GPU only).
+    device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
+    """
+
+    mode: str = "pad"
+    precision: str = "fp32"
+    channels_last: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("pad", "authors"), "inference", "mode", self.mode, "must be 'pad' or 'authors'")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "inference", "precision", self.precision, "must be fp32, bf16 or fp16")
+        _check(self.device in ("auto", "cpu", "cuda"), "inference", "device", self.device, "must be auto, cpu or cuda")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TilingSpec:
+    """Tiling of large images (see README "Tiling" for the measured tiled-vs-whole difference).
+
+    max_tile_pixels: images with H·W up to this run whole, as one tile.
+    tile_core: side of each tile's core, the region it writes (multiple of 4 and of the output chunk).
+    halo: context added on each side of the core (even), reflect-padded at image borders.
+    """
+
+    max_tile_pixels: int = 2048 * 2048
+    tile_core: int = 512
+    halo: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.max_tile_pixels >= 16, "tiling", "max_tile_pixels", self.max_tile_pixels, "must be >= 16")
+        _check(self.tile_core >= 4 and self.tile_core % 4 == 0, "tiling", "tile_core", self.tile_core, "must be a positive multiple of 4")
+        _check(self.halo >= 0 and self.halo % 2 == 0, "tiling", "halo", self.halo, "must be an even number >= 0 (tile = core + 2·halo, a multiple of 4)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    """How cubes are stored. ``chunk`` is the spatial chunk side; all 31 bands share a chunk."""
+
+    dtype: str = "float16"
+    chunk: int = 256
+    compressor: str = "zstd"
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float16", "float32"), "output_options", "dtype", self.dtype, "must be float16 or float32")
+        _check(self.chunk >= 4 and self.chunk % 4 == 0, "output_options", "chunk", self.chunk, "must be a positive multiple of 4")
+        _check(self.compressor in ("zstd", "blosc-zstd", "blosc-lz4", "gzip", "none"), "output_options", "compressor", self.compressor, "must be zstd, blosc-zstd, blosc-lz4, gzip or none")
+        _check(0 <= self.level <= 22, "output_options", "level", self.level, "must be in 0..22")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RaySpec:
+    """Ray resources.
+
+    address: Ray cluster to join ("" → RAY_ADDRESS or a new local Ray).
+    actors: number of inference actors (each loads the weights once).
+    num_gpus_per_actor: GPUs per actor; fractional shares a GPU; -1 → 1 if the cluster has GPUs else 0.
+    num_cpus_per_actor: CPUs per actor (torch threads are sized to this).
+    batch_size: tiles per forward pass (tiles of one image, in plan order, so results are deterministic).
+    max_images_in_flight: images decoded/tiled/being inferred at once (backpressure bound on memory).
+    max_batches_per_actor: batches queued per actor (2 keeps the next batch ready while one runs).
+    """
+
+    address: str = ""
+    actors: int = 1
+    num_gpus_per_actor: float = -1
+    num_cpus_per_actor: float = 1
+    batch_size: int = 4
+    max_images_in_flight: int = 4
+    max_batches_per_actor: int = 2
+    decode_num_cpus: float = 1
+
+    def __post_init__(self) -> None:
+        _check(self.actors >= 1, "ray", "actors", self.actors, "must be >= 1")
+        _check(self.num_gpus_per_actor == -1 or self.num_gpus_per_actor >= 0, "ray", "num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0 or -1 (auto)")
+        _check(self.num_cpus_per_actor > 0, "ray", "num_cpus_per_actor", self.num_cpus_per_actor, "must be > 0")
+        _check(self.batch_size >= 1, "ray", "batch_size", self.batch_size, "must be >= 1")
+        _check(self.max_images_in_flight >= 1, "ray", "max_images_in_flight", self.max_images_in_flight, "must be >= 1")
+        _check(self.max_batches_per_actor >= 1, "ray", "max_batches_per_actor", self.max_batches_per_actor, "must be >= 1")
+        _check(self.decode_num_cpus > 0, "ray", "decode_num_cpus", self.decode_num_cpus, "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A whole job. ``inputs`` are fsspec URLs or globs (files, prefixes, archives); ``output`` a prefix."""
+
+    name: str = "drcr-job"
+    inputs: tuple[str, ...] = ()
+    output: str = ""
+    weights: WeightsSpec = dataclasses.field(default_factory=WeightsSpec)
+    inference: InferenceSpec = dataclasses.field(default_factory=InferenceSpec)
+    tiling: TilingSpec = dataclasses.field(default_factory=TilingSpec)
+    output_options: OutputSpec = dataclasses.field(default_factory=OutputSpec)
+    ray: RaySpec = dataclasses.field(default_factory=RaySpec)
+    storage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        _check(len(self.inputs) > 0, "job", "inputs", list(self.inputs), "at least one input URL is needed")
+        _check(bool(self.output), "job", "output", self.output, "an output URL/prefix is needed")
+        _check(self.tiling.tile_core % 4 == 0 and self.tiling.tile_core % self.output_options.chunk == 0, "tiling", "tile_core", self.tiling.tile_core, f"must be a multiple of output_options.chunk ({self.output_options.chunk}) so no two tiles share a chunk")
+        literal = sorted(k for k in self.storage if k.lower() in _SECRET_FIELDS)
+        _check(not literal, "storage", ",".join(literal), "<redacted>", "secrets may not be written in a spec; name an environment variable with key_env / secret_env / token_env")
+        object.__setattr__(self, "storage", dict(self.storage))
+
+    # --- round trip -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["inputs"] = list(self.inputs)
+        return d
+
+    def to_toml(self) -> str:
+        return _dump_toml(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
+        sections = {"weights": WeightsSpec, "inference": InferenceSpec, "tiling": TilingSpec, "output_options": OutputSpec, "ray": RaySpec}
+        top = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - top
+        if unknown:
+            raise ConfigError(f"unknown job spec keys: {sorted(unknown)}; expected some of {sorted(top)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sections:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
+                kwargs[key] = _build(sections[key], key, value)
+            elif key == "inputs":
+                kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> JobSpec:
+        """Apply ``{"tiling.halo": 16, "inputs": [...]}``-style overrides; validated again."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            parts = dotted.split(".")
+            target = d
+            for p in parts[:-1]:
+                if not isinstance(target.get(p), dict):
+                    raise ConfigError(f"override {dotted!r}: no section {p!r}")
+                target = target[p]
+            target[parts[-1]] = value
+        return JobSpec.from_dict(d)
+
+    def fingerprint(self, weights_sha256: str) -> str:
+        """sha256 of everything that changes the cubes' bytes (for resume: same fingerprint → same output)."""
+        relevant = {
+            "weights_sha256": weights_sha256,
+            "inference": dataclasses.asdict(self.inference) | {"device": None},
+            "tiling": dataclasses.asdict(self.tiling),
+            "output_options": dataclasses.asdict(self.output_options),
+            "batch_size": self.ray.batch_size,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _build(cls: type[T], section: str, values: Mapping[str, Any]) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"[{section}] unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for k, v in values.items():
+        want = fields[k].type
+        try:
+            if want in ("int", int) and not isinstance(v, bool):
+                v = int(v)
+            elif want in ("float", float):
+                v = float(v)
+            elif want in ("bool", bool) and isinstance(v, str):
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(v)
+                v = v.lower() in ("true", "1", "yes")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{section}.{k} = {v!r}: expected {want}") from exc
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_spec(path_or_text: str, *, is_text: bool = False) -> JobSpec:
+    """Load a TOML job spec from a path (local) or from text."""
+    try:
+        if is_text:
+            data = tomllib.loads(path_or_text)
+        else:
+            with open(path_or_text, "rb") as f:
+                data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"job spec {path_or_text!r} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"job spec {path_or_text if not is_text else '<text>'}: invalid TOML: {exc}") from exc
+    return JobSpec.from_dict(data)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["tiling.halo=16", "ray.actors=2"]`` → dict; values parsed as TOML scalars when they parse."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _dump_toml(d: Mapping[str, Any]) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, Mapping)]
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            lines.append(f"\n[{k}]")
+            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if not isinstance(vv, Mapping))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,383 @@
+"""Running a job on Ray: the one module that imports ray.
+
+Reading, decoding and tiling run as Ray tasks on CPUs (:func:`pipeline.work.prepare_image` as a
+streaming generator, so tiles are owned by the driver and reconstructable, yet never fetched by it);
+DRCR runs in a pool of actors (:class:`pipeline.work.Predictor`) that load the weights once, take
+batches of tiles and use a GPU each when the cluster has them. Backpressure: at most
+``ray.max_images_in_flight`` images are prepared or inferred at once, at most
+``ray.max_batches_per_actor`` batches wait on each actor, and a prepare task's tiles are only pulled
+when a batch slot is free. Full cubes never pass through the driver: actors write regions to zarr.
+Actor restarts and task retries are on; an image whose batches still fail is recorded as ``failed``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from pipeline import cubes, storage
+from pipeline.config import JobSpec
+from pipeline.errors import ConfigError, InputError
+from pipeline.manifest import ManifestRow, write_manifest
+from pipeline.provenance import now_utc, software_versions
+from pipeline.sources import ImageRef, Rejected, expand_inputs, iter_targz, list_members
+from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, prepare_image, storage_options
+
+__all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
+
+log = logging.getLogger(__name__)
+
+# A listing entry is skipped (not an error) when it simply is not an image; every other rejection fails.
+SKIP_REASONS = ("not an image extension",)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunSummary:
+    run_id: str
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    megapixels: float = 0.0
+    elapsed_s: float = 0.0
+    manifest: str = ""
+    nodes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def megapixels_per_s(self) -> float:
+        return self.megapixels / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"megapixels_per_s": self.megapixels_per_s}
+
+
+def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray without the dashboard on loopback."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    # Ray's workers must find this package; a job submitted with a working_dir already has it.
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+
+
+def resolve_weights(spec: JobSpec) -> dict[str, Any]:
+    """The weights record of a spec (its path, or the package default), with the file's sha256 checked."""
+    from drcr_model import Weights
+    from drcr_model.checkpoint import read_checkpoint, extract_state_dict, infer_config
+    from drcr_model.weights import default_weights
+
+    opts = storage.resolve_storage_options(spec.storage)
+    if spec.weights.path:
+        obj, digest = read_checkpoint(spec.weights.path, sha256=spec.weights.sha256 or None, storage_options=opts)
+        config = infer_config(extract_state_dict(obj, source=spec.weights.path), source=spec.weights.path)
+        name = os.path.basename(spec.weights.path.rstrip("/")) or "weights"
+        w = Weights(name=name, url=spec.weights.path, sha256=digest, config=config, meta={"given_by": "job spec"})
+    else:
+        w = default_weights()
+        _, digest = read_checkpoint(w.url or "", sha256=w.sha256)
+    return w.to_record()
+
+
+# --- Ray remote wrappers ---------------------------------------------------------------------------------
+
+
+@ray.remote(max_retries=3)
+def _list_task(url: str, kind: str, ctx: JobContext) -> tuple[list[ImageRef], list[Rejected]] | Exception:
+    try:
+        return list_members(url, kind, storage_options(ctx))  # type: ignore[arg-type]
+    except InputError as exc:
+        return InputError(storage.describe_error(exc))
+
+
+@ray.remote(num_returns="streaming", max_retries=3)
+def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes | None] | None = None):  # type: ignore[no-untyped-def]
+    if pair is not None:
+        item, data = pair
+        if isinstance(item, Rejected):
+            yield item
+            return
+        ref = item
+    assert ref is not None
+    yield from prepare_image(ctx, ref, data if pair is not None else None)
+
+
+@ray.remote(num_returns="streaming", max_retries=0)
+def _targz_task(ctx: JobContext, url: str):  # type: ignore[no-untyped-def]
+    """Stream a .tar.gz once: one (ImageRef | Rejected, bytes | None) object per entry."""
+    rejected: list[Rejected] = []
+    try:
+        for ref, data in iter_targz(url, storage_options(ctx), on_rejected=rejected.append):
+            while rejected:
+                yield (rejected.pop(0), None)
+            yield (ref, data)
+        while rejected:
+            yield (rejected.pop(0), None)
+    except InputError as exc:
+        while rejected:
+            yield (rejected.pop(0), None)
+        yield (InputError(storage.describe_error(exc)), None)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=3)
+class _PredictorActor:
+    def __init__(self, ctx: JobContext, num_cpus: float) -> None:
+        self.predictor = Predictor(ctx, num_cpus=num_cpus)
+
+    def run(self, group: str, scale: float, tiles: list, *windows: Any) -> dict[str, Any]:  # type: ignore[type-arg]
+        out = self.predictor.run(group, scale, tiles, list(windows))
+        out["node"] = ray.get_runtime_context().get_node_id()
+        return out
+
+    def ready(self) -> str:
+        return self.predictor.device_name
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Slot:
+    """One image in flight."""
+
+    gen: Any
+    label: ImageRef
+    meta: ImageMeta | None = None
+    pending: list[Any] = dataclasses.field(default_factory=list)  # (tile, window ref) not yet batched
+    next_tile: int = 0
+    outstanding: int = 0
+    exhausted: bool = False
+    failed: str | None = None
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    t0: float = 0.0
+
+
+def _row(ctx: JobContext, ref: ImageRef, **kw: Any) -> ManifestRow:
+    return ManifestRow(input=storage.redact(ref.key), source=storage.redact(ref.source), member=ref.member, run_id=ctx.run_id, **kw)
+
+
+def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None) -> RunSummary:
+    """Run ``spec`` on the Ray cluster this process is connected to (``init_ray`` first).
+
+    ``progress(event, n)`` is called with ("total", n) once the inputs are known and ("done", 1) per input.
+    Returns the run summary; the manifest and root attributes are written before returning.
+    """
+    t_start = time.perf_counter()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    weights = resolve_weights(spec)
+    ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
+    opts = storage_options(ctx)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    num_gpus = spec.ray.num_gpus_per_actor if spec.ray.num_gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
+    if spec.inference.precision != "fp32" and num_gpus == 0:
+        raise ConfigError(f"inference.precision = {spec.inference.precision!r}: half precision needs GPU actors, and this cluster has none")
+
+    store = cubes.open_cubes(spec.output, opts)
+    root = cubes.zarr.open_group(store, mode="a")
+    root.attrs.update({"drcr_pipeline_job": storage.redact(spec.to_dict()), "drcr_pipeline_run": {"run_id": run_id, "started": now_utc(), "software": software_versions(), "status": "running"}})
+
+    rows: dict[str, ManifestRow] = {}
+    work: collections.deque[Any] = collections.deque()
+    listings = []
+    for url, kind in expand_inputs(list(spec.inputs), opts):
+        if kind == "file":
+            work.append(("ref", ImageRef(source=url, member=None, kind="file")))
+        elif kind == "targz":
+            work.append(("targz", url))
+        else:
+            listings.append((url, _list_task.remote(url, kind, ctx)))
+    for url, ref in listings:
+        listed = ray.get(ref)
+        if isinstance(listed, Exception):
+            rows[url] = ManifestRow(input=storage.redact(url), source=storage.redact(url), status="failed", error_type="ArchiveError", error=str(listed), run_id=run_id)
+            continue
+        images, rejected = listed
+        work.extend(("ref", r) for r in images)
+        for rej in rejected:
+            rows[rej.ref.key] = _rejected_row(ctx, rej)
+    if progress:
+        progress("total", len(work) + len(rows))
+        progress("done", len(rows))
+
+    actors = [
+        _PredictorActor.options(num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus).remote(ctx, spec.ray.num_cpus_per_actor)  # type: ignore[attr-defined]
+        for _ in range(spec.ray.actors)
+    ]
+    load = [0] * len(actors)
+    batches: collections.deque[tuple[_Slot, list[Any]]] = collections.deque()
+    inflight: dict[Any, tuple[_Slot, int]] = {}
+    slots: dict[Any, _Slot] = {}
+    targz_gens: list[Any] = []
+    megapixels = 0.0
+    nodes: set[str] = set()
+    capacity = len(actors) * spec.ray.max_batches_per_actor
+
+    def start_image(item: Any) -> None:
+        kind, value = item
+        gen = _prepare_task.options(num_cpus=spec.ray.decode_num_cpus).remote(ctx, value) if kind == "ref" else _prepare_task.options(num_cpus=spec.ray.decode_num_cpus).remote(ctx, None, value)
+        label = value if kind == "ref" else ImageRef(source=f"<tar.gz entry {id(gen):x}>", member=None, kind="targz")
+        slot = _Slot(gen=gen, label=label, t0=time.perf_counter())
+        slots[gen] = slot
+
+    def close(slot: _Slot) -> None:
+        nonlocal megapixels
+        meta = slot.meta
+        if meta is None:
+            return
+        del slots[slot.gen]
+        row = _row(ctx, meta.ref, group=meta.group, source_sha256=meta.sha256, source_bytes=meta.nbytes, width=meta.width, height=meta.height, tiles=len(meta.tiles), decode_s=meta.decode_s, total_s=time.perf_counter() - slot.t0)
+        if meta.status != "run":
+            row.status, row.error_type, row.error = meta.status, meta.error_type, meta.error
+            if meta.status == "failed":
+                row.group = None
+        elif slot.failed:
+            row.status, row.error_type, row.error = "failed", "InferenceError", slot.failed
+        else:
+            try:
+                finish_image(ctx, meta, slot.results)
+                row.status = "ok"
+                row.infer_s = float(sum(r["infer_s"] for r in slot.results))
+                megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
+                nodes.update(r["node"] for r in slot.results)
+            except Exception as exc:  # storage failure at the marker: the cube is not complete
+                row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
+        rows[meta.ref.key] = row
+        if progress:
+            progress("done", 1)
+
+    def flush(slot: _Slot, final: bool) -> None:
+        while len(slot.pending) >= spec.ray.batch_size or (final and slot.pending):
+            chunk, slot.pending = slot.pending[: spec.ray.batch_size], slot.pending[spec.ray.batch_size :]
+            batches.append((slot, chunk))
+            slot.outstanding += 1
+
+    def next_work() -> Any | None:
+        if work:
+            return work.popleft()
+        return None
+
+    while work or slots or targz_gens or batches or inflight:
+        # 1. Start images while there is room.
+        while len(slots) < spec.ray.max_images_in_flight:
+            item = next_work()
+            if item is None:
+                break
+            if item[0] == "targz":
+                targz_gens.append((item[1], _targz_task.options(num_cpus=spec.ray.decode_num_cpus, _generator_backpressure_num_objects=2 * spec.ray.max_images_in_flight).remote(ctx, item[1])))
+                continue
+            start_image(item)
+        # 2. Dispatch ready batches to the least-loaded actor with room.
+        while batches:
+            i = min(range(len(actors)), key=lambda k: load[k])
+            if load[i] >= spec.ray.max_batches_per_actor:
+                break
+            slot, chunk = batches.popleft()
+            if slot.failed:
+                slot.outstanding -= 1
+                if slot.exhausted and slot.outstanding == 0:
+                    close(slot)
+                continue
+            assert slot.meta is not None
+            tiles = [t for t, _ in chunk]
+            ref = actors[i].run.remote(slot.meta.group, slot.meta.scale, tiles, *[w for _, w in chunk])
+            inflight[ref] = (slot, i)
+            load[i] += 1
+        # 3. Wait for something: finished batches, new tiles (only when batches have room), targz entries.
+        waitables = list(inflight)
+        if len(batches) < capacity:
+            waitables += [s.gen for s in slots.values() if not s.exhausted]
+        if len(slots) < spec.ray.max_images_in_flight:
+            waitables += [g for _, g in targz_gens]
+        if not waitables:
+            continue
+        ready, _ = ray.wait(waitables, num_returns=1, timeout=5.0)
+        for obj in ready:
+            if obj in inflight:
+                slot, i = inflight.pop(obj)
+                load[i] -= 1
+                slot.outstanding -= 1
+                try:
+                    slot.results.append(ray.get(obj))
+                except Exception as exc:  # actor gone after its restarts, or an error in the model
+                    slot.failed = slot.failed or storage.describe_error(exc)
+                if slot.exhausted and slot.outstanding == 0:
+                    close(slot)
+                continue
+            targz = next(((u, g) for u, g in targz_gens if g is obj), None)
+            if targz is not None:
+                try:
+                    pair_ref = next(obj)
+                except StopIteration:
+                    targz_gens.remove(targz)
+                    continue
+                pair = ray.get(pair_ref)
+                if isinstance(pair[0], Exception):
+                    rows[targz[0]] = ManifestRow(input=storage.redact(targz[0]), source=storage.redact(targz[0]), status="failed", error_type="ArchiveError", error=str(pair[0]), run_id=run_id)
+                    if progress:
+                        progress("total", 1)
+                        progress("done", 1)
+                elif isinstance(pair[0], Rejected):
+                    rows[pair[0].ref.key] = _rejected_row(ctx, pair[0])
+                    if progress:
+                        progress("total", 1)
+                        progress("done", 1)
+                else:
+                    if progress:
+                        progress("total", 1)
+                    start_image(("pair", pair_ref))
+                continue
+            slot = slots[obj]
+            try:
+                item_ref = next(obj)
+            except StopIteration:
+                slot.exhausted = True
+                flush(slot, final=True)
+                if slot.outstanding == 0:
+                    close(slot)
+                continue
+            if slot.meta is None:
+                try:
+                    first = ray.get(item_ref)
+                except Exception as exc:  # the prepare task failed after its retries
+                    slot.exhausted = True
+                    slot.meta = ImageMeta(ref=slot.label, group="", status="failed", error_type=type(exc).__name__, error=storage.describe_error(exc))
+                    close(slot)
+                    continue
+                if isinstance(first, Rejected):
+                    rows[first.ref.key] = _rejected_row(ctx, first)
+                    del slots[obj]
+                    if progress:
+                        progress("done", 1)
+                    continue
+                slot.meta = first
+                continue
+            assert slot.meta is not None
+            slot.pending.append((slot.meta.tiles[slot.next_tile], item_ref))
+            slot.next_tile += 1
+            flush(slot, final=False)
+
+    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes))
+    for row in rows.values():
+        setattr(summary, row.status, getattr(summary, row.status) + 1)
+    summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
+    root.attrs.update({"drcr_pipeline_run": {"run_id": run_id, "finished": now_utc(), "software": software_versions(), "status": "finished", "summary": summary.to_dict()}})
+    for a in actors:
+        ray.kill(a)
+    return summary
+
+
+def _rejected_row(ctx: JobContext, rej: Rejected) -> ManifestRow:
+    status = "skipped" if rej.reason in SKIP_REASONS else "failed"
+    return _row(ctx, rej.ref, status=status, error_type="RejectedMember", error=f"{storage.redact(rej.ref.name)}: {rej.reason}")
+

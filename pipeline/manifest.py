@@ -1,0 +1,97 @@
+"""The Parquet manifest: one row per input with its outcome, under ``<output>/manifest/``.
+
+``manifest/manifest.parquet`` is the latest run's full account (every input of the run exactly once:
+``ok``, ``failed`` or ``skipped``); ``manifest/runs/<run_id>.parquet`` keeps each run's copy.
+Readable with ``pyarrow.parquet.read_table`` or ``pandas.read_parquet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import open_fs
+
+__all__ = ["ManifestRow", "SCHEMA", "write_manifest", "read_manifest", "STATUSES"]
+
+STATUSES = ("ok", "failed", "skipped")
+
+SCHEMA = pa.schema(
+    [
+        ("input", pa.string()),
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error", pa.string()),
+        ("group", pa.string()),
+        ("source_sha256", pa.string()),
+        ("source_bytes", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("tiles", pa.int64()),
+        ("decode_s", pa.float64()),
+        ("infer_s", pa.float64()),
+        ("total_s", pa.float64()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ManifestRow:
+    """One input's outcome. ``input`` is the unique id (``source!member#index`` for archive members)."""
+
+    input: str
+    source: str
+    member: str | None = None
+    status: str = "failed"
+    error_type: str | None = None
+    error: str | None = None
+    group: str | None = None
+    source_sha256: str | None = None
+    source_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    tiles: int | None = None
+    decode_s: float | None = None
+    infer_s: float | None = None
+    total_s: float | None = None
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"manifest status must be one of {STATUSES}, got {self.status!r}")
+
+
+def _table(rows: Sequence[ManifestRow]) -> pa.Table:
+    cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
+    for row in sorted(rows, key=lambda r: r.input):
+        for name in cols:
+            cols[name].append(getattr(row, name))
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def write_manifest(output: str, rows: Sequence[ManifestRow], run_id: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write the run's manifest (sorted by input) and its history copy; returns the manifest URL."""
+    fs, path = open_fs(output, storage_options)
+    buf = io.BytesIO()
+    pq.write_table(_table(rows), buf)
+    data = buf.getvalue()
+    base = path.rstrip("/") + "/manifest"
+    fs.makedirs(base + "/runs", exist_ok=True)
+    fs.pipe_file(f"{base}/runs/{run_id}.parquet", data)
+    fs.pipe_file(f"{base}/manifest.parquet", data)
+    return f"{output.rstrip('/')}/manifest/manifest.parquet"
+
+
+def read_manifest(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The latest run's manifest as a pyarrow Table."""
+    fs, path = open_fs(output, storage_options)
+    with fs.open(path.rstrip("/") + "/manifest/manifest.parquet", "rb") as f:
+        return pq.read_table(f)

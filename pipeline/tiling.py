@@ -1,0 +1,110 @@
+"""Tiling and stitching: cut an image into equal windows with a halo, write each core exactly once.
+
+Images with H·W ≤ ``max_tile_pixels`` are one tile (the whole image). Larger images get a grid of
+cores of side ``tile_core`` (a multiple of the output chunk, so every core covers whole chunks and no
+two tiles ever touch the same chunk); each tile's window is its core plus ``halo`` on every side, all
+windows the same size (a multiple of 4, so they batch), reflect-padded where they pass the image
+border. Only the core of each tile's output is kept. With a model whose receptive field fits in the
+halo, tiled output equals whole-image output exactly; DRCR's channel re-calibration pools over the
+whole input, so for DRCR it is close, not equal (README, "Tiling").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["Tile", "plan_tiles", "reflect_indices", "extract_window", "crop_core", "stitch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One tile, in image pixel coordinates.
+
+    ``y0, x0``: top-left of the window (may be negative: reflect-padded); ``height, width``: window size.
+    ``core_y0, core_x0, core_h, core_w``: the output region this tile writes (inside the image).
+    ``whole``: the tile is the whole image, run without a halo (single-tile images).
+    """
+
+    index: int
+    y0: int
+    x0: int
+    height: int
+    width: int
+    core_y0: int
+    core_x0: int
+    core_h: int
+    core_w: int
+    whole: bool = False
+
+    @property
+    def core_slices(self) -> tuple[slice, slice]:
+        """Where the core sits in the image."""
+        return slice(self.core_y0, self.core_y0 + self.core_h), slice(self.core_x0, self.core_x0 + self.core_w)
+
+    @property
+    def core_in_window(self) -> tuple[slice, slice]:
+        """Where the core sits in the window."""
+        dy, dx = self.core_y0 - self.y0, self.core_x0 - self.x0
+        return slice(dy, dy + self.core_h), slice(dx, dx + self.core_w)
+
+
+def plan_tiles(height: int, width: int, *, max_tile_pixels: int, tile_core: int, halo: int) -> list[Tile]:
+    """The tiles of an H×W image, in row-major order (deterministic)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if height * width <= max_tile_pixels:
+        return [Tile(0, 0, 0, height, width, 0, 0, height, width, whole=True)]
+    if tile_core % 4 or halo % 2:
+        raise ValueError(f"tile_core ({tile_core}) must be a multiple of 4 and halo ({halo}) even")
+    side = tile_core + 2 * halo
+    tiles = []
+    for cy in range(0, height, tile_core):
+        for cx in range(0, width, tile_core):
+            ch, cw = min(tile_core, height - cy), min(tile_core, width - cx)
+            tiles.append(Tile(len(tiles), cy - halo, cx - halo, side, side, cy, cx, ch, cw))
+    return tiles
+
+
+def reflect_indices(start: int, length: int, n: int) -> np.ndarray:
+    """Indices ``start .. start+length-1`` mapped into ``[0, n)`` by reflection without edge repeat
+    (PyTorch/numpy ``reflect``), repeated as often as needed; ``n == 1`` maps everything to 0."""
+    i = np.arange(start, start + length)
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    m = np.mod(i, period)
+    return np.where(m >= n, period - m, m)
+
+
+def extract_window(image: np.ndarray, tile: Tile) -> np.ndarray:
+    """The tile's window of an H×W×C image (reflect-padded outside the image), same dtype, contiguous."""
+    h, w = image.shape[:2]
+    if tile.whole:
+        return image
+    rows = reflect_indices(tile.y0, tile.height, h)
+    cols = reflect_indices(tile.x0, tile.width, w)
+    inside = tile.y0 >= 0 and tile.x0 >= 0 and tile.y0 + tile.height <= h and tile.x0 + tile.width <= w
+    if inside:
+        return np.ascontiguousarray(image[tile.y0 : tile.y0 + tile.height, tile.x0 : tile.x0 + tile.width])
+    return np.ascontiguousarray(image[rows[:, None], cols[None, :]])
+
+
+def crop_core(output: np.ndarray, tile: Tile) -> np.ndarray:
+    """The core of a tile's model output, ``bands×height×width`` → ``bands×core_h×core_w``."""
+    ys, xs = tile.core_in_window
+    return output[:, ys, xs]
+
+
+def stitch(cores: list[tuple[Tile, np.ndarray]], height: int, width: int, bands: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Assemble ``bands×H×W`` from ``(tile, core)`` pairs (any order; cores never overlap)."""
+    out = np.empty((bands, height, width), dtype=dtype)
+    covered = np.zeros((height, width), dtype=bool)
+    for tile, core in cores:
+        ys, xs = tile.core_slices
+        out[:, ys, xs] = core
+        covered[ys, xs] = True
+    if not covered.all():
+        raise ValueError("tiles do not cover the image")
+    return out

@@ -1,0 +1,227 @@
+"""The work of one job, as plain functions and one plain class, without Ray.
+
+:func:`prepare_image` (a CPU task: read, hash, resume check, decode, plan tiles, create the cube) and
+:class:`Predictor` (an actor: weights loaded once, batches of tiles → model → cores written to zarr) and
+:func:`finish_image` (completion marker) are what :mod:`pipeline.execution` runs on Ray. Data errors of
+one input become a ``failed`` :class:`ImageMeta`; programming errors propagate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline import cubes, storage
+from pipeline.config import JobSpec
+from pipeline.errors import InputError
+from pipeline.provenance import host_info, now_utc, software_versions
+from pipeline.sources import ImageRef, read_member
+from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
+
+__all__ = ["JobContext", "ImageMeta", "prepare_image", "Predictor", "finish_image", "storage_options"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobContext:
+    """What every task and actor of a job needs; small, picklable, free of secrets.
+
+    ``weights`` is a :meth:`drcr_model.Weights.to_record` dict; storage secrets are resolved inside each
+    worker from the environment (``spec.storage`` names the variables).
+    """
+
+    spec: JobSpec
+    weights: Mapping[str, Any]
+    fingerprint: str
+    run_id: str
+
+    @property
+    def bands_nm(self) -> tuple[float, ...]:
+        return tuple(self.weights["bands_nm"])
+
+
+def storage_options(ctx: JobContext) -> dict[str, Any]:
+    """The job's fsspec options, secrets read from this process's environment."""
+    return storage.resolve_storage_options(ctx.spec.storage)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ImageMeta:
+    """The outcome of preparing one image. ``status``: ``run`` (tiles follow), ``skipped`` or ``failed``."""
+
+    ref: ImageRef
+    group: str
+    status: str = "run"
+    error_type: str | None = None
+    error: str | None = None
+    sha256: str | None = None
+    nbytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    scale: float = 1.0
+    tiles: list[Tile] = dataclasses.field(default_factory=list)
+    decode_s: float = 0.0
+    started: str = ""
+
+
+def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any]:
+    spec = ctx.spec
+    w = ctx.weights
+    return {
+        "source": {
+            "url": storage.redact(meta.ref.source),
+            "archive": storage.redact(meta.ref.source) if meta.ref.member is not None else None,
+            "member": meta.ref.member,
+            "kind": meta.ref.kind,
+            "sha256": meta.sha256,
+            "bytes": meta.nbytes,
+            "width": meta.width,
+            "height": meta.height,
+            "mode": meta.mode,
+            "bit_depth": getattr(decoded, "bit_depth", None),
+            "decode_notes": list(getattr(decoded, "notes", []) or []),
+        },
+        "model": {
+            "name": "DRCR Net (Li et al., CVPR Workshops 2022)",
+            "config": dict(w["config"]),
+            "weights": {"name": w["name"], "location": storage.redact(w["url"]), "sha256": w["sha256"], "meta": dict(w.get("meta", {}))},
+            "untrained": bool(w.get("meta", {}).get("untrained", False)),
+        },
+        "preprocessing": {"method": w["preprocessing"], "scale": meta.scale, "note": "RGB divided by the image's own maximum over all pixels and channels, as the authors do"},
+        "inference": dataclasses.asdict(spec.inference),
+        "tiling": dataclasses.asdict(spec.tiling) | {"tiles": len(meta.tiles), "whole_image": len(meta.tiles) == 1 and meta.tiles[0].whole},
+        "output": dataclasses.asdict(spec.output_options) | {"bands_nm": list(ctx.bands_nm)},
+        "batch_size": spec.ray.batch_size,
+        "job": {"name": spec.name, "run_id": ctx.run_id, "fingerprint": ctx.fingerprint},
+        "software": software_versions(),
+        "storage": storage.safe_options_for_record(storage_options(ctx)),
+        "started": meta.started,
+        "prepared_on": host_info(),
+    }
+
+
+def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> Iterator[ImageMeta | np.ndarray]:
+    """Yield the image's :class:`ImageMeta`, then (status ``run``) each tile's raw window (h×w×3, uint8/16).
+
+    Reads the bytes (unless given), hashes them, skips the image when its group is complete with the same
+    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. Windows are
+    the raw decoded pixels; the predictor divides them by ``meta.scale`` (the whole image's maximum), so
+    tiles see exactly the whole image's preprocessing.
+    """
+    from pipeline.decode import decode_image
+
+    t0 = time.perf_counter()
+    group = cubes.group_path(ref.source, ref.member, ref.key)
+    meta = ImageMeta(ref=ref, group=group, started=now_utc())
+    opts = storage_options(ctx)
+    try:
+        if data is None:
+            data = read_member(ref, opts)
+        meta.sha256 = hashlib.sha256(data).hexdigest()
+        meta.nbytes = len(data)
+        store = cubes.open_cubes(ctx.spec.output, opts)
+        attrs = cubes.read_status(store, group)
+        if attrs and attrs.get("complete") is True:
+            record = attrs.get(cubes.ATTR, {})
+            if record.get("source", {}).get("sha256") == meta.sha256 and record.get("job", {}).get("fingerprint") == ctx.fingerprint:
+                meta.status = "skipped"
+                meta.error = "already complete with the same source sha256 and job fingerprint"
+                meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
+                yield meta
+                return
+        decoded = decode_image(data, name=ref.name)
+        del data
+        image = decoded.array
+        meta.height, meta.width = int(image.shape[0]), int(image.shape[1])
+        meta.mode = decoded.mode
+        peak = float(image.max()) if image.size else 0.0
+        meta.scale = peak if peak > 0 else 1.0
+        t = ctx.spec.tiling
+        meta.tiles = plan_tiles(meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
+        cubes.create_cube(store, group, height=meta.height, width=meta.width, bands_nm=ctx.bands_nm, spec=ctx.spec.output_options, provenance=_provenance(ctx, meta, decoded))
+    except InputError as exc:
+        meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
+        yield meta
+        return
+    meta.decode_s = time.perf_counter() - t0
+    yield meta
+    for tile in meta.tiles:
+        yield extract_window(image, tile)
+
+
+def _torch_threads(num_cpus: float) -> int:
+    return max(1, int(num_cpus))
+
+
+class Predictor:
+    """Loads the weights once; turns batches of raw tile windows into cube regions written to zarr.
+
+    Args:
+        ctx: the job context.
+        num_cpus: CPUs this predictor may use (torch threads are sized to it; 1-CPU Ray actors also get
+            ``OMP_NUM_THREADS=1``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``; defaults to the spec's.
+    """
+
+    def __init__(self, ctx: JobContext, *, num_cpus: float = 1, device: str | None = None) -> None:
+        import torch
+
+        from drcr_model import Weights
+        from drcr_model.inference import select_device
+
+        self.ctx = ctx
+        torch.set_num_threads(_torch_threads(num_cpus))
+        self.device = select_device(device or ctx.spec.inference.device)
+        self._opts = storage_options(ctx)
+        weights = Weights.from_record(ctx.weights)
+        self.model = weights.load(device=self.device, storage_options=self._opts)
+        if ctx.spec.inference.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.store = cubes.open_cubes(ctx.spec.output, self._opts)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def run(self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> dict[str, Any]:
+        """Run one batch (tiles of one image, in plan order) and write each core; returns timings."""
+        from drcr_model.inference import forward, reconstruct
+
+        inf = self.ctx.spec.inference
+        t0 = time.perf_counter()
+        scale32 = np.float32(scale)
+        if len(tiles) == 1 and tiles[0].whole:
+            x = windows[0].astype(np.float32) / scale32
+            cube = reconstruct(x, self.model, mode=inf.mode, precision=inf.precision, channels_last=inf.channels_last, preprocessed=True)
+            outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
+        else:
+            batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
+            y = forward(self.model, batch, precision=inf.precision, channels_last=inf.channels_last)
+            outputs = [crop_core(y[i], tile) for i, tile in enumerate(tiles)]
+        t1 = time.perf_counter()
+        for tile, core in zip(tiles, outputs):
+            cubes.write_region(self.store, group, tile.core_y0, tile.core_x0, core)
+        t2 = time.perf_counter()
+        return {"infer_s": t1 - t0, "write_s": t2 - t1, "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid()}
+
+
+def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]) -> None:
+    """Write the completion marker, with the finish time, devices, workers and timings."""
+    store = cubes.open_cubes(ctx.spec.output, storage_options(ctx))
+    extra = {
+        "finished": now_utc(),
+        "device": sorted({r["device"] for r in results}),
+        "workers": sorted({f"{r['host']}:{r['pid']}" for r in results} | {f"node:{r['node']}" for r in results if r.get("node")}),
+        "timings": {
+            "decode_s": meta.decode_s,
+            "infer_s": float(sum(r["infer_s"] for r in results)),
+            "write_s": float(sum(r["write_s"] for r in results)),
+        },
+    }
+    cubes.mark_complete(store, meta.group, extra)
