@@ -25,6 +25,9 @@ NTIRE2022_CONFIG: Mapping[str, int] = {"in_channels": 3, "out_channels": 31, "ch
 
 PREPROCESSING = ("divide_by_image_max",)
 
+CONFIG_KEYS = ("in_channels", "out_channels", "channels", "n_blocks")
+"""The DRCRNet constructor arguments a weights record may set."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Weights:
@@ -51,18 +54,36 @@ class Weights:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Weights.name must be a non-empty string, got {self.name!r}")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in self.sha256)
+        ):
+            raise ValueError(f"Weights.sha256 must be 64 hex digits or None, got {self.sha256!r}")
+        unknown = set(self.config) - set(CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"Weights.config has unknown keys {sorted(unknown)}; allowed: {list(CONFIG_KEYS)}")
+        for key, value in self.config.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Weights.config[{key!r}] must be a positive int, got {value!r}")
         if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"Weights.preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}")
         if len(self.bands_nm) != int(self.config.get("out_channels", 31)):
-            raise ValueError(f"Weights.bands_nm has {len(self.bands_nm)} bands but config.out_channels is {self.config.get('out_channels')}")
+            raise ValueError(
+                f"Weights.bands_nm has {len(self.bands_nm)} bands but config.out_channels is {self.config.get('out_channels')}"
+            )
 
-    def load(self, *, device: str | torch.device | None = None, storage_options: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    def load(
+        self, *, device: str | torch.device | None = None, storage_options: Mapping[str, Any] | None = None
+    ) -> torch.nn.Module:
         """Build the DRCRNet of ``config`` and load the file into it (hash checked); eval mode."""
         from drcr_model.checkpoint import load_model
 
         if self.url is None:
             raise ValueError(f"weights {self.name!r} have no location; pass the checkpoint path or URL")
-        return load_model(self.url, sha256=self.sha256, device=device, config=self.config, storage_options=storage_options)
+        return load_model(
+            self.url, sha256=self.sha256, device=device, config=self.config, storage_options=storage_options
+        )
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready dict (provenance, weights sidecar files)."""
@@ -92,7 +113,10 @@ def authors_ntire2022(url: str, *, sha256: str | None = None) -> Weights:
         url=url,
         sha256=sha256,
         config=dict(NTIRE2022_CONFIG),
-        meta={"source": "github.com/jojolee6513/DRCR-net (README download links)", "trained_on": "ARAD_1K (NTIRE 2022)"},
+        meta={
+            "source": "github.com/jojolee6513/DRCR-net (README download links)",
+            "trained_on": "ARAD_1K (NTIRE 2022)",
+        },
     )
 
 
@@ -128,7 +152,9 @@ def untrained_demo_weights(cache_dir: str | Path | None = None) -> Weights:
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"untrained-{UNTRAINED_SEED}-c{UNTRAINED_CONFIG['channels']}-b{UNTRAINED_CONFIG['n_blocks']}.pt"
     if not path.exists():
-        gen = torch.random.fork_rng()
+        # CPU RNG only: the model is initialised on the CPU, and fork_rng() with the default devices warns
+        # on machines with more than one GPU (an error under the test suite's warnings-as-errors).
+        gen = torch.random.fork_rng(devices=[])
         with gen:
             torch.manual_seed(UNTRAINED_SEED)
             model = DRCRNet(**UNTRAINED_CONFIG)
@@ -140,5 +166,9 @@ def untrained_demo_weights(cache_dir: str | Path | None = None) -> Weights:
         url=str(path),
         sha256=sha256_of(path.read_bytes()),
         config=dict(UNTRAINED_CONFIG),
-        meta={"untrained": True, "seed": UNTRAINED_SEED, "note": "seeded random weights; outputs are not meaningful spectra"},
+        meta={
+            "untrained": True,
+            "seed": UNTRAINED_SEED,
+            "note": "seeded random weights; outputs are not meaningful spectra",
+        },
     )

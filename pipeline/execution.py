@@ -69,7 +69,7 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
 
 
 def resolve_weights(spec: JobSpec) -> dict[str, Any]:
@@ -204,6 +204,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             continue
         images, rejected = listed
         work.extend(("ref", r) for r in images)
+        if not images:
+            rows[url] = ManifestRow(input=storage.redact(url), source=storage.redact(url), status="skipped", error_type="NoImages", error=f"{storage.redact(url)}: archive contains no images", run_id=run_id)
         for rej in rejected:
             rows[rej.ref.key] = _rejected_row(ctx, rej)
     if progress:

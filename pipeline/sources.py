@@ -1,0 +1,441 @@
+"""Enumerate input images: single files, ``.tar``, ``.tar.gz``/``.tgz`` and ``.zip`` archives, prefixes and globs.
+
+Everything goes through fsspec (local paths, ``memory://``, ``s3://`` ...), with filesystems built only by
+:func:`pipeline.storage.open_fs`. Reading is ranged where the format allows it:
+
+* ``tar``: :func:`list_members` reads only the 512-byte headers (``tarfile`` in seekable ``r:`` mode skips member
+  data with ``seek``), and :func:`read_member` fetches ``offset .. offset + size`` of one member.
+* ``zip``: the central directory at the end of the file is read; a member is read through ``zipfile``.
+* ``targz``: gzip is not seekable, so listing decompresses the whole stream; use :func:`iter_targz` to process a
+  ``.tar.gz`` in a single pass instead of listing and then reading members one by one.
+
+Member policy (the ``reason`` of a :class:`Rejected` entry):
+
+=====================================================  =====================================================
+member                                                 outcome
+=====================================================  =====================================================
+regular file with an image extension                   image (:class:`ImageRef`)
+name with a ``..`` component or an absolute path       rejected: ``unsafe member name`` (names become output
+                                                       keys, so they must not escape the output prefix)
+symbolic link / hard link                              rejected: ``symbolic link`` / ``hard link`` (never
+                                                       followed, so an archive cannot point outside itself)
+device, FIFO, sparse or other special member           rejected: ``not a regular file`` / ``sparse member``
+directory named like an image (``photo.jpg/``)         rejected: ``directory named like an image``
+other directories                                      ignored (structure, not input)
+regular file with an archive extension                 rejected: ``nested archive (not recursed)``
+encrypted zip member                                   rejected: ``encrypted zip member``
+any other regular file (``.txt``, ``.json`` ...)       rejected: ``not an image extension``
+=====================================================  =====================================================
+
+Duplicate member names are all kept; :attr:`ImageRef.index` (the position among all archive entries) tells them
+apart and is part of :attr:`ImageRef.key`. Image extensions: ``.jpg .jpeg .png .tif .tiff .bmp .webp .gif``,
+case-insensitive. A corrupt or truncated archive raises :class:`~pipeline.errors.ArchiveError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import posixpath
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+from fsspec import AbstractFileSystem
+
+from pipeline.errors import ArchiveError, InputError
+from pipeline.storage import open_fs
+
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "IMAGE_EXTENSIONS",
+    "ImageRef",
+    "Kind",
+    "Rejected",
+    "expand_inputs",
+    "iter_targz",
+    "kind_of",
+    "list_members",
+    "read_member",
+]
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["file", "tar", "zip", "targz"]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+# Longest suffix first, so ".tar.gz" wins over ".gz".
+ARCHIVE_SUFFIXES: tuple[tuple[str, Kind], ...] = (
+    (".tar.gz", "targz"),
+    (".tgz", "targz"),
+    (".tar", "tar"),
+    (".zip", "zip"),
+)
+# Suffixes of archives we recognise inside archives but do not recurse into.
+_NESTED_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".gz", ".bz2", ".xz", ".7z", ".rar", ".zst")
+
+# Listing reads 512-byte tar headers spread through the file; a small block keeps each seek to one small ranged
+# GET on object storage instead of fsspec's default 5 MiB read-ahead.
+_LIST_BLOCK_SIZE = 64 * 1024
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: a plain file, or a member of an archive. Small and picklable (it travels through Ray).
+
+    Args:
+        source: URL of the file or archive, protocol kept (``s3://bucket/a.tar``), without credentials.
+        member: archive member name, ``None`` for a plain file.
+        kind: ``"file"``, ``"tar"``, ``"zip"`` or ``"targz"``.
+        offset: byte offset of a tar member's data in the archive (for a ranged read), else ``None``.
+        size: size in bytes (uncompressed), if known.
+        index: position among all entries of the archive (0 for a plain file); separates duplicate names.
+    """
+
+    source: str
+    member: str | None
+    kind: Kind
+    offset: int | None = None
+    size: int | None = None
+    index: int = 0
+
+    @property
+    def key(self) -> str:
+        """Stable unique id: ``source`` for a plain file, ``source!member@index`` for an archive member."""
+        if self.member is None:
+            return self.source
+        return f"{self.source}!{self.member}@{self.index}"
+
+    @property
+    def name(self) -> str:
+        """Human-readable name for messages: ``source`` or ``source!member``."""
+        return self.source if self.member is None else f"{self.source}!{self.member}"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An archive entry that is not converted, and why (recorded as a ``skipped`` manifest row)."""
+
+    ref: ImageRef
+    reason: str
+
+
+def kind_of(name: str) -> Kind | None:
+    """Return the input kind a file name implies (case-insensitive), or ``None`` if it is neither image nor archive."""
+    lower = name.lower()
+    for suffix, kind in ARCHIVE_SUFFIXES:
+        if lower.endswith(suffix):
+            return kind
+    if posixpath.splitext(lower)[1] in IMAGE_EXTENSIONS:
+        return "file"
+    return None
+
+
+def expand_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, Kind]]:
+    """Expand input URLs into sorted, de-duplicated ``(url, kind)`` pairs.
+
+    Each URL may be an image file, an archive, a prefix/directory (listed recursively; files that are neither
+    images nor archives are ignored) or a glob (``s3://bucket/batch-*/*.tar``). The protocol is kept in the
+    returned URLs; local inputs given without a protocol come back as plain paths.
+
+    Raises:
+        InputError: a URL matches nothing, or names a file that is neither an image nor an archive.
+    """
+    if isinstance(urls, str):
+        raise TypeError("urls must be a sequence of URLs, not a single string; wrap it in a list")
+    found: dict[str, Kind] = {}
+    for url in urls:
+        fs, path = open_fs(url, storage_options)
+        with_protocol = "://" in url
+        if _GLOB_CHARS.search(path):
+            candidates: list[str] = []
+            for match in fs.glob(path):
+                candidates.extend(_walk(fs, match))
+            matched = {_to_url(fs, p, with_protocol): k for p in candidates if (k := kind_of(p)) is not None}
+            if not matched:
+                raise InputError(f"input {url!r}: the glob matches no images or archives")
+        elif fs.isdir(path):
+            matched = {_to_url(fs, p, with_protocol): k for p in _walk(fs, path) if (k := kind_of(p)) is not None}
+            if not matched:
+                raise InputError(f"input {url!r}: the prefix holds no images or archives")
+        elif fs.isfile(path):
+            kind = kind_of(path)
+            if kind is None:
+                raise InputError(
+                    f"input {url!r} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor an archive "
+                    f"({', '.join(s for s, _ in ARCHIVE_SUFFIXES)}); rename it or pass its folder"
+                )
+            matched = {_to_url(fs, path, with_protocol): kind}
+        else:
+            raise InputError(f"input {url!r} matches nothing (no such file, prefix or glob match)")
+        found.update(matched)
+    return sorted(found.items())
+
+
+def _to_url(fs: AbstractFileSystem, path: str, with_protocol: bool) -> str:
+    """The URL of ``path``: with the protocol if the input had one, a plain local path otherwise."""
+    return fs.unstrip_protocol(path) if with_protocol else path
+
+
+def _walk(fs: AbstractFileSystem, path: str) -> list[str]:
+    """Files under ``path`` (recursively) if it is a directory, else ``[path]``."""
+    if fs.isdir(path):
+        return list(fs.find(path))
+    return [path]
+
+
+def list_members(
+    url: str, kind: Kind, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[ImageRef], list[Rejected]]:
+    """List the images of one input and the entries that are not converted.
+
+    Returns:
+        ``(images, rejected)`` in archive order. For ``kind="file"``: ``([ref], [])``.
+
+    Raises:
+        ArchiveError: the archive is corrupt, truncated or not of the given kind.
+        InputError: ``url`` does not exist.
+    """
+    fs, path = open_fs(url, storage_options)
+    if kind == "file":
+        try:
+            size = fs.size(path)
+        except FileNotFoundError as e:
+            raise InputError(f"input {url!r} does not exist") from e
+        return [ImageRef(source=url, member=None, kind="file", size=size, index=0)], []
+    if kind == "tar":
+        return _list_tar(fs, path, url)
+    if kind == "zip":
+        return _list_zip(fs, path, url)
+    if kind == "targz":
+        images: list[ImageRef] = []
+        rejected: list[Rejected] = []
+        for ref, reason, _ in _scan_targz(fs, path, url, want=None):
+            if reason is None:
+                images.append(ref)
+            else:
+                rejected.append(Rejected(ref, reason))
+        return images, rejected
+    raise ValueError(f"kind must be one of 'file', 'tar', 'zip', 'targz', got {kind!r}")
+
+
+def read_member(ref: ImageRef, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """Read the bytes of one image (whole file, tar byte range, zip member, or streamed tar.gz member).
+
+    Raises:
+        ArchiveError: the member cannot be read (truncated archive, changed archive, bad CRC ...).
+        InputError: the file or archive does not exist.
+    """
+    fs, path = open_fs(ref.source, storage_options)
+    try:
+        if ref.kind == "file":
+            return bytes(fs.cat_file(path))
+        if ref.kind == "tar":
+            if ref.offset is None or ref.size is None:
+                raise ValueError(f"tar ref {ref.key!r} needs offset and size; build refs with list_members")
+            data = bytes(fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size))
+            if len(data) != ref.size:
+                raise ArchiveError(
+                    f"{ref.name}: tar member truncated (read {len(data)} of {ref.size} bytes at offset {ref.offset})"
+                )
+            return data
+        if ref.kind == "zip":
+            return _read_zip_member(fs, path, ref)
+        if ref.kind == "targz":
+            for found, _, member_data in _scan_targz(fs, path, ref.source, want=ref.index):
+                if found.index == ref.index and member_data is not None:
+                    if found.member != ref.member:
+                        raise ArchiveError(
+                            f"{ref.name}: archive changed since listing (entry {ref.index} is {found.member!r})"
+                        )
+                    return member_data
+            raise ArchiveError(f"{ref.name}: member not found in archive (entry {ref.index})")
+    except FileNotFoundError as e:
+        raise InputError(f"{ref.name}: does not exist") from e
+    raise ValueError(f"ref.kind must be one of 'file', 'tar', 'zip', 'targz', got {ref.kind!r}")
+
+
+def iter_targz(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    on_rejected: Callable[[Rejected], None] | None = None,
+) -> Iterator[tuple[ImageRef, bytes]]:
+    """Stream every image member of a ``.tar.gz`` once, in archive order: one decompression pass.
+
+    Rejected entries are passed to ``on_rejected`` (if given) as they are met. Images already yielded stay
+    valid if the stream turns out truncated later; the :class:`ArchiveError` is raised at that point.
+    """
+    fs, path = open_fs(url, storage_options)
+    for ref, reason, data in _scan_targz(fs, path, url, want="images"):
+        if reason is not None:
+            if on_rejected is not None:
+                on_rejected(Rejected(ref, reason))
+        elif data is not None:
+            yield ref, data
+
+
+# --- member policy --------------------------------------------------------------------------------------------
+
+
+def _unsafe(name: str) -> bool:
+    """A name that could escape an output prefix: absolute, drive-qualified, or with a ``..`` component."""
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return True
+    return ".." in re.split(r"[/\\]", name)
+
+
+def _reason(name: str, *, is_dir: bool, is_file: bool, special: str | None) -> str | None:
+    """Why an entry is not an image, ``None`` if it is one; ``None`` with ``is_dir`` for plain directories too."""
+    lower = name.lower().rstrip("/")
+    if _unsafe(name):
+        return "unsafe member name (absolute path or '..' component)"
+    if special is not None:
+        return special
+    if is_dir:
+        return "directory named like an image" if posixpath.splitext(lower)[1] in IMAGE_EXTENSIONS else None
+    if not is_file:
+        return "not a regular file"
+    if lower.endswith(_NESTED_ARCHIVE_SUFFIXES):
+        return "nested archive (not recursed)"
+    if posixpath.splitext(lower)[1] not in IMAGE_EXTENSIONS:
+        return "not an image extension"
+    return None
+
+
+def _tar_reason(info: tarfile.TarInfo) -> tuple[bool, str | None]:
+    """``(keep, reason)``: ``keep`` is False for plain directories, which are ignored entirely."""
+    special = None
+    if info.issym():
+        special = "symbolic link"
+    elif info.islnk():
+        special = "hard link"
+    elif info.issparse():
+        special = "sparse member"
+    reason = _reason(info.name, is_dir=info.isdir(), is_file=info.isreg(), special=special)
+    return not (info.isdir() and reason is None), reason
+
+
+# --- tar ------------------------------------------------------------------------------------------------------
+
+
+def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
+    images: list[ImageRef] = []
+    rejected: list[Rejected] = []
+    try:
+        # Seekable "r:" mode: tarfile seeks over member data, so only headers are fetched.
+        with (
+            fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f,
+            tarfile.open(fileobj=f, mode="r:") as tf,
+        ):
+            for index, info in enumerate(tf):
+                keep, reason = _tar_reason(info)
+                if not keep:
+                    continue
+                ref = ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index)
+                if reason is None:
+                    images.append(ref)
+                else:
+                    rejected.append(Rejected(ref, reason))
+    except FileNotFoundError as e:
+        raise InputError(f"archive {url!r} does not exist") from e
+    except (tarfile.TarError, EOFError) as e:
+        raise ArchiveError(f"archive {url!r}: corrupt or truncated tar ({e})") from e
+    return images, rejected
+
+
+def _scan_targz(
+    fs: AbstractFileSystem, path: str, url: str, want: int | Literal["images"] | None
+) -> Iterator[tuple[ImageRef, str | None, bytes | None]]:
+    """Stream a tar.gz: yield ``(ref, reason, data)`` per kept entry; ``data`` is read for ``want`` entries only.
+
+    ``want``: ``None`` reads no data (listing), ``"images"`` reads every image, an int reads that entry and stops.
+    """
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|gz") as tf:
+            for index, info in enumerate(tf):
+                keep, reason = _tar_reason(info)
+                if not keep:
+                    continue
+                ref = ImageRef(url, info.name, "targz", size=info.size, index=index)
+                data = None
+                if reason is None and (want == "images" or want == index):
+                    member = tf.extractfile(info)
+                    data = member.read() if member is not None else b""
+                    if len(data) != info.size:
+                        raise ArchiveError(f"{ref.name}: member truncated ({len(data)} of {info.size} bytes)")
+                yield ref, reason, data
+                if want == index:
+                    return
+    except FileNotFoundError as e:
+        raise InputError(f"archive {url!r} does not exist") from e
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ArchiveError(f"archive {url!r}: corrupt or truncated tar.gz ({e or type(e).__name__})") from e
+
+
+# --- zip ------------------------------------------------------------------------------------------------------
+
+
+def _zip_reason(info: zipfile.ZipInfo) -> tuple[bool, str | None]:
+    mode = info.external_attr >> 16  # Unix mode bits, set by Unix zip tools; 0 otherwise.
+    special = None
+    if mode and stat.S_ISLNK(mode):
+        special = "symbolic link"
+    elif info.flag_bits & 0x1:
+        special = "encrypted zip member"
+    is_dir = info.is_dir()
+    is_file = not is_dir and (not mode or stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0)
+    reason = _reason(info.filename, is_dir=is_dir, is_file=is_file, special=special)
+    return not (is_dir and reason is None), reason
+
+
+def _open_zip(f: IO[bytes], url: str) -> zipfile.ZipFile:
+    size = getattr(f, "size", None)
+    if isinstance(size, int) and size <= _LIST_BLOCK_SIZE:
+        # One small read instead of several; it also sidesteps fsspec's buffered files raising ValueError (not
+        # OSError, which zipfile expects) when zipfile probes for a zip64 locator before the start of a file
+        # shorter than 42 bytes, such as an empty zip.
+        f = io.BytesIO(f.read())
+    try:
+        return zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise ArchiveError(f"archive {url!r}: corrupt or truncated zip ({e})") from e
+
+
+def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
+    images: list[ImageRef] = []
+    rejected: list[Rejected] = []
+    try:
+        with fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f, _open_zip(f, url) as zf:
+            for index, info in enumerate(zf.infolist()):
+                keep, reason = _zip_reason(info)
+                if not keep:
+                    continue
+                ref = ImageRef(url, info.filename, "zip", size=info.file_size, index=index)
+                if reason is None:
+                    images.append(ref)
+                else:
+                    rejected.append(Rejected(ref, reason))
+    except FileNotFoundError as e:
+        raise InputError(f"archive {url!r} does not exist") from e
+    return images, rejected
+
+
+def _read_zip_member(fs: AbstractFileSystem, path: str, ref: ImageRef) -> bytes:
+    try:
+        with fs.open(path, "rb") as f, _open_zip(f, ref.source) as zf:
+            infos = zf.infolist()
+            if ref.index >= len(infos) or infos[ref.index].filename != ref.member:
+                raise ArchiveError(f"{ref.name}: archive changed since listing (no such member at entry {ref.index})")
+            return zf.read(infos[ref.index])
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: encrypted member; NotImplementedError: unsupported compression method.
+        raise ArchiveError(f"{ref.name}: cannot read zip member ({e})") from e

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import JobSpec, load_spec, parse_overrides
+from pipeline.errors import ConfigError
+
+
+def test_toml_round_trip() -> None:
+    spec = JobSpec(inputs=["s3://b/a.tar"], output="s3://b/out", storage={"endpoint_url": "http://127.0.0.1:9000", "key_env": "K"})
+    assert load_spec(spec.to_toml(), is_text=True) == spec
+
+
+def test_every_repository_job_spec_loads() -> None:
+    from pathlib import Path
+
+    specs = sorted(Path(__file__).resolve().parents[2].joinpath("jobs").glob("*.toml"))
+    assert specs
+    import tomllib
+
+    pipeline_specs = [p for p in specs if "inputs" in tomllib.loads(p.read_text())]  # others are training configs
+    assert pipeline_specs
+    for path in pipeline_specs:
+        load_spec(str(path))
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"tiling.tile_core": 30}, "tiling.tile_core"),
+        ({"tiling.halo": 3}, "tiling.halo"),
+        ({"inference.precision": "fp8"}, "inference.precision"),
+        ({"output_options.dtype": "int8"}, "output_options.dtype"),
+        ({"ray.actors": 0}, "ray.actors"),
+        ({"tiling.tile_core": 96}, "tiling.tile_core"),  # not a multiple of the 256 chunk
+    ],
+)
+def test_invalid_values_name_the_field(override: dict, field: str) -> None:
+    spec = JobSpec(inputs=["a"], output="o")
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        spec.with_overrides(override)
+
+
+def test_literal_secrets_are_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as info:
+        JobSpec(inputs=["a"], output="o", storage={"secret": "hunter2"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_unknown_keys_rejected() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        load_spec('inputs = ["a"]\noutput = "o"\n[tiling]\ncore = 3\n', is_text=True)
+
+
+def test_overrides_parse_toml_scalars() -> None:
+    assert parse_overrides(["ray.actors=2", "inference.channels_last=true", "output=s3://x/y"]) == {"ray.actors": 2, "inference.channels_last": True, "output": "s3://x/y"}
+
+
+def test_fingerprint_changes_with_output_affecting_fields_only() -> None:
+    spec = JobSpec(inputs=["a"], output="o")
+    fp = spec.fingerprint("w")
+    assert spec.with_overrides({"ray.actors": 3}).fingerprint("w") == fp
+    assert spec.with_overrides({"inputs": ["b"]}).fingerprint("w") == fp
+    assert spec.with_overrides({"tiling.halo": 16}).fingerprint("w") != fp
+    assert spec.fingerprint("other-weights") != fp

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import cubes
+from pipeline.config import OutputSpec
+from pipeline.manifest import ManifestRow, read_manifest, write_manifest
+
+
+@pytest.mark.parametrize(
+    "source,member",
+    [
+        ("s3://b/x/a.tar", "../../etc/passwd.jpg"),
+        ("s3://b/x/a.tar", "/abs/path.png"),
+        ("/data/ph otos.zip", "dir/ünï cödé 名前.JPG"),
+        ("memory://x/..", None),
+        ("s3://b/a.tar", "__zarr/.."),
+    ],
+)
+def test_group_path_is_sanitised_and_stays_inside(source: str, member: str | None) -> None:
+    path = cubes.group_path(source, member, key=f"{source}!{member}")
+    parts = path.split("/")
+    assert all(p and p not in (".", "..") and not p.startswith("__") for p in parts)
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for p in parts for c in p)
+    assert not path.startswith("/")
+
+
+def test_group_paths_are_deterministic_and_distinct_for_colliding_names() -> None:
+    a = cubes.group_path("s3://b/a.tar", "x y.jpg", "s3://b/a.tar!x y.jpg@0")
+    b = cubes.group_path("s3://b/a.tar", "x_y.jpg", "s3://b/a.tar!x_y.jpg@1")
+    c = cubes.group_path("s3://b/a.tar", "x y.jpg", "s3://b/a.tar!x y.jpg@2")  # duplicate member name
+    assert len({a, b, c}) == 3
+    assert a == cubes.group_path("s3://b/a.tar", "x y.jpg", "s3://b/a.tar!x y.jpg@0")
+
+
+def test_cube_lifecycle_and_xarray(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import xarray as xr
+
+    store = cubes.open_cubes(str(tmp_path))
+    spec = OutputSpec(dtype="float16", chunk=8)
+    bands = list(range(400, 701, 10))
+    cubes.create_cube(store, "a.tar/img-1", height=10, width=12, bands_nm=bands, spec=spec, provenance={"source": {"sha256": "x"}})
+    assert cubes.read_status(store, "a.tar/img-1")["complete"] is False
+    data = np.random.default_rng(0).random((31, 10, 12)).astype(np.float32)
+    cubes.write_region(store, "a.tar/img-1", 0, 0, data[:, :8, :8])
+    ds = xr.open_zarr(store, group="a.tar/img-1", consolidated=False)
+    assert np.isnan(ds.cube.values[:, 8:, :]).all()  # unwritten chunks read as NaN, never as data
+    for y0, x0 in [(0, 8), (8, 0), (8, 8)]:
+        cubes.write_region(store, "a.tar/img-1", y0, x0, data[:, y0 : y0 + 8, x0 : x0 + 8])
+    cubes.mark_complete(store, "a.tar/img-1", {"finished": "now"})
+    attrs = cubes.read_status(store, "a.tar/img-1")
+    assert attrs["complete"] is True and attrs[cubes.ATTR]["finished"] == "now" and attrs[cubes.ATTR]["source"]["sha256"] == "x"
+    ds = xr.open_zarr(store, group="a.tar/img-1", consolidated=False)
+    assert ds.cube.dims == ("wavelength", "y", "x") and ds.cube.dtype == np.float16
+    np.testing.assert_array_equal(ds.wavelength.values, bands)
+    np.testing.assert_array_equal(ds.cube.values, data.astype(np.float16))
+    assert cubes.read_status(store, "missing/group") is None
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc-zstd", "blosc-lz4", "gzip", "none"])
+def test_compressors_round_trip(tmp_path, compressor: str) -> None:  # type: ignore[no-untyped-def]
+    store = cubes.open_cubes(str(tmp_path))
+    cubes.create_cube(store, "g", height=4, width=4, bands_nm=[1.0, 2.0], spec=OutputSpec(compressor=compressor, dtype="float32", chunk=4), provenance={})
+    data = np.arange(32, dtype=np.float32).reshape(2, 4, 4)
+    cubes.write_region(store, "g", 0, 0, data)
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_array(store, path="g/cube")[:], data)
+
+
+def test_manifest_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = [ManifestRow(input="b", source="s", status="ok", width=3), ManifestRow(input="a", source="s", status="failed", error="bad")]
+    write_manifest(str(tmp_path), rows, "run1")
+    table = read_manifest(str(tmp_path)).to_pylist()
+    assert [r["input"] for r in table] == ["a", "b"] and table[0]["error"] == "bad"
+    assert (tmp_path / "manifest" / "runs" / "run1.parquet").exists()
+    with pytest.raises(ValueError):
+        ManifestRow(input="x", source="s", status="done")
