@@ -104,7 +104,10 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+        ):
             model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -152,11 +155,12 @@ def fmt_row(r: dict[str, object], args: argparse.Namespace) -> str:
     times = list(r["times"])  # type: ignore[call-overload]
     med = statistics.median(times)
     mflop = r["flops"] / r["pixels"] / 1e6  # type: ignore[operator]
+    mflop_s = f"{mflop:.2f}" if mflop >= 1 else f"{mflop:.3f}"
     mem = f"{r['peak_rss'] / 1e9:.2f} (before fwd {r['rss_before'] / 1e9:.2f})"  # type: ignore[operator]
     if "peak_cuda" in r:
         mem += f"; CUDA {r['peak_cuda'] / 1e9:.2f}"  # type: ignore[operator]
     return (
-        f"| {name} | {r['variant']} | {r['params']:,} | {mflop:.2f} | {med:.3f} | "
+        f"| {name} | {r['variant']} | {r['params']:,} | {mflop_s} | {med:.3f} | "
         f"{min(times):.3f}–{max(times):.3f} (n={len(times)}) | {r['pixels'] / med / 1e6:.4f} | {mem} |"  # type: ignore[operator]
     )
 
@@ -199,15 +203,20 @@ def main(argv: list[str] | None = None) -> int:
             if not cuda and variant == "fp16":
                 rows.append({"config": config, "variant": variant, "skip": "not run: CPU (fp16 is a GPU path)"})
             elif not cuda and variant == "bf16" and not args.cpu_bf16:
-                isa = "AVX-512 BF16/AMX" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "AVX2, ~400x slower"
-                rows.append({"config": config, "variant": variant, "skip": f"not run: CPU {isa} (use --cpu-bf16)"})
+                if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+                    why = "not run on CPU (this CPU has AVX-512 BF16; pass --cpu-bf16)"
+                else:
+                    why = "not run: CPU AVX2, ~400x slower (pass --cpu-bf16)"
+                rows.append({"config": config, "variant": variant, "skip": why})
             else:
                 rows.append(run_case(args, config, variant, runs))
                 print(f"done {config}/{variant}", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
 
     dev = torch.cuda.get_device_name(0) if cuda else f"{cpu_name()}, {cpu_threads()} threads"
-    print(f"DRCR Net forward, {args.batch}x3x{args.size}x{args.size}, eval + inference_mode, torch {torch.__version__}, {dev}")
+    print(
+        f"DRCR Net forward, {args.batch}x3x{args.size}x{args.size}, eval + inference_mode, torch {torch.__version__}, {dev}"
+    )
     print(f"load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after; wall {time.perf_counter() - t0:.0f} s\n")
     print("| config | variant | params | MFLOP/px (counted) | median s | min–max s | MP/s | peak RSS GB |")
     print("| --- | --- | ---: | ---: | ---: | --- | ---: | --- |")

@@ -79,7 +79,10 @@ def fit_root_polynomial(
             raise ValueError("weighting='relative' needs ground truth > 0 everywhere")
         # Per band: divide each row by the target, so the residual is the relative error.
         matrix = np.stack(
-            [np.linalg.lstsq(feats / spectra[:, j : j + 1], np.ones(len(feats)), rcond=None)[0] for j in range(spectra.shape[1])],
+            [
+                np.linalg.lstsq(feats / spectra[:, j : j + 1], np.ones(len(feats)), rcond=None)[0]
+                for j in range(spectra.shape[1])
+            ],
             axis=1,
         )
     return RootPolynomial(matrix=matrix, weighting=weighting)

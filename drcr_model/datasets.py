@@ -188,7 +188,13 @@ class PatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, pairs: Sequence[Pair], *, patch: int = 128, stride: int = 64, augment: Augment | None = None, seed: int = 0
+        self,
+        pairs: Sequence[Pair],
+        *,
+        patch: int = 128,
+        stride: int = 64,
+        augment: Augment | None = None,
+        seed: int = 0,
     ) -> None:
         if not pairs:
             raise ValueError("PatchDataset: no pairs given")

@@ -35,8 +35,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         make_dataset(config),
         rank=rank,
         world_size=world,
-        # CPU workers: no device move; DDP over gloo averages the gradients.
-        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        # CPU workers: no device move; DDP over gloo averages the gradients. The NPM's conv4_33/conv4_11
+        # never take part in the forward pass (spec §3.2), so DDP must be told to expect unused parameters.
+        wrap=lambda m: ray.train.torch.prepare_model(
+            m, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+        ),
     )
     if loop_config.get("resume"):
         trainer.load(loop_config["resume"])
@@ -74,7 +77,10 @@ def train_with_ray(config: TrainConfig, *, resume: str | Path | None = None, sto
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(config.to_toml())
     # Workers may run in other directories: give them absolute paths.
-    loop_config = {"config": {**config.to_dict(), "out_dir": str(out)}, "resume": str(Path(resume).resolve()) if resume else None}
+    loop_config = {
+        "config": {**config.to_dict(), "out_dir": str(out)},
+        "resume": str(Path(resume).resolve()) if resume else None,
+    }
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,

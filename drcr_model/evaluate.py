@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 
 from drcr_model.baseline import RootPolynomial, fit_root_polynomial
@@ -225,7 +225,11 @@ def run(config: EvalConfig) -> tuple[list[dict[str, Any]], str]:
     data = config.data
     if data.source == "synthetic":
         inputs: dict[str, Sequence[Pair]] = heldout_synthetic(
-            seed=data.seed, n_scenes=data.n_scenes, scene_size=data.scene_size, npe=data.npe, jpeg_quality=data.jpeg_quality
+            seed=data.seed,
+            n_scenes=data.n_scenes,
+            scene_size=data.scene_size,
+            npe=data.npe,
+            jpeg_quality=data.jpeg_quality,
         )
     else:
         inputs = {data.source: build_pairs(data)}

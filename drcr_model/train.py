@@ -24,12 +24,12 @@ import dataclasses
 import logging
 import math
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 
 from drcr_model.camera import DEFAULT_BANDS, simulate_rgb
@@ -113,8 +113,15 @@ class DataConfig:
         _check(self.source in SOURCES, "data.source", self.source, f"must be one of {SOURCES}")
         _check(self.source == "synthetic" or bool(self.url), "data.url", self.url, "is required for arad/zarr")
         _check(self.n_scenes >= 1, "data.n_scenes", self.n_scenes, "must be ≥ 1")
-        _check(0.0 <= self.degraded_fraction <= 1.0, "data.degraded_fraction", self.degraded_fraction, "must be in [0, 1]")
-        _check(self.patch_size >= 4 and self.patch_size % 4 == 0, "data.patch_size", self.patch_size, "must be a multiple of 4")
+        _check(
+            0.0 <= self.degraded_fraction <= 1.0, "data.degraded_fraction", self.degraded_fraction, "must be in [0, 1]"
+        )
+        _check(
+            self.patch_size >= 4 and self.patch_size % 4 == 0,
+            "data.patch_size",
+            self.patch_size,
+            "must be a multiple of 4",
+        )
         _check(self.stride >= 1, "data.stride", self.stride, "must be ≥ 1")
         _check(self.scene_size >= self.patch_size, "data.scene_size", self.scene_size, "must be ≥ data.patch_size")
 
@@ -162,7 +169,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
         _check(self.lr > 0, "lr", self.lr, "must be positive")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be two values in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            self.betas,
+            "must be two values in [0, 1)",
+        )
         _check(self.max_iter >= 1, "max_iter", self.max_iter, "must be ≥ 1")
         _check(self.iterations >= 0, "iterations", self.iterations, "must be ≥ 0 (0 means max_iter)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be ≥ 1")
@@ -209,7 +221,11 @@ class TrainConfig:
     def to_toml(self) -> str:
         d = self.to_dict()
         top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-        tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()) for k, v in d.items() if isinstance(v, dict)]
+        tables = [
+            f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+            for k, v in d.items()
+            if isinstance(v, dict)
+        ]
         return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 
 
@@ -284,7 +300,15 @@ def build_pairs(data: DataConfig, bands: np.ndarray = DEFAULT_BANDS) -> list[Pai
     return pairs
 
 
-def save_checkpoint(path: str | Path, *, epoch: int, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    epoch: int,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig | None = None,
+) -> None:
     """Write the authors' checkpoint dict atomically (temp file, then rename)."""
     state_dict = {k.removeprefix("module."): v.detach().cpu() for k, v in model.state_dict().items()}
     obj = {
@@ -373,7 +397,14 @@ class Trainer:
         return {"epoch": self.epoch, "iteration": self.iteration, "model": self.net, "optimizer": self.optimizer}
 
     def save(self, path: str | Path) -> None:
-        save_checkpoint(path, epoch=self.epoch, iteration=self.iteration, model=self.net, optimizer=self.optimizer, config=self.config)
+        save_checkpoint(
+            path,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            model=self.net,
+            optimizer=self.optimizer,
+            config=self.config,
+        )
 
     def load(self, path: str | Path) -> None:
         """Resume from a checkpoint written by :meth:`save` (model, optimizer, iteration, torch RNG)."""
@@ -403,7 +434,9 @@ class Trainer:
         while self.iteration < until:
             loss = self.step()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at iteration {self.iteration}; check for gt ≤ 0 or lower lr")
+                raise FloatingPointError(
+                    f"loss became {loss} at iteration {self.iteration}; check for gt ≤ 0 or lower lr"
+                )
             losses.append(loss)
             window.append(loss)
             if self.iteration % cfg.log_every == 0 or self.iteration == until:
@@ -415,7 +448,14 @@ class Trainer:
                     "seconds": time.perf_counter() - t0,
                 }
                 window = []
-                log.info("iter %d epoch %d lr %.3g loss %.4f (%.1f s)", rec["iter"], rec["epoch"], rec["lr"], rec["loss"], rec["seconds"])
+                log.info(
+                    "iter %d epoch %d lr %.3g loss %.4f (%.1f s)",
+                    rec["iter"],
+                    rec["epoch"],
+                    rec["lr"],
+                    rec["loss"],
+                    rec["seconds"],
+                )
                 if on_log:
                     on_log(rec)
             if checkpoint and (self.iteration % cfg.checkpoint_every == 0 or self.iteration == until):
@@ -482,7 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = TrainConfig.from_toml(args.config)
         overrides = {
             k: v
-            for k, v in {"iterations": args.iterations, "out_dir": args.out_dir, "num_workers": args.num_workers}.items()
+            for k, v in {
+                "iterations": args.iterations,
+                "out_dir": args.out_dir,
+                "num_workers": args.num_workers,
+            }.items()
             if v is not None
         }
         config = dataclasses.replace(config, **overrides)

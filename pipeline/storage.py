@@ -336,7 +336,9 @@ def _s3_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def safe_options_for_record(options: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def safe_options_for_record(
+    options: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """What may be recorded in provenance about the storage: endpoint, region, anon, profile, retries.
 
     Values not in ``options`` are taken from the standard environment (``AWS_ENDPOINT_URL_S3`` /

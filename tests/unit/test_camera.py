@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drcr_model.camera import ANALOG_GAIN, DEFAULT_BANDS, decode_image, encode_jpeg, ntire2022_camera_response, simulate_rgb
-
+from drcr_model.camera import (
+    ANALOG_GAIN,
+    DEFAULT_BANDS,
+    decode_image,
+    encode_jpeg,
+    ntire2022_camera_response,
+    simulate_rgb,
+)
 
 
 def _csv_row(nm: int) -> np.ndarray:

@@ -79,7 +79,9 @@ def test_patch_dataset_divides_by_the_whole_image_max_and_augments_deterministic
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and y.shape == (31, 8, 8)
     np.testing.assert_allclose(x.numpy(), rgb[:8, :8].transpose(2, 0, 1) / 250.0, rtol=1e-6)
-    aug = PatchDataset([Pair("s", rgb, cube)], patch=8, stride=8, augment=Augment(flips=True, npe=100, jpeg_quality=(50, 90)), seed=1)
+    aug = PatchDataset(
+        [Pair("s", rgb, cube)], patch=8, stride=8, augment=Augment(flips=True, npe=100, jpeg_quality=(50, 90)), seed=1
+    )
     a1, b1 = aug[2]
     a2, b2 = aug[2]
     np.testing.assert_array_equal(a1.numpy(), a2.numpy())

@@ -15,7 +15,7 @@ def test_library_has_measured_spectra() -> None:
     assert lib.reflectances.shape == (7261 + 24, 31)  # earthlib + ColorChecker
     assert lib.illuminants.shape == (14, 31)
     assert "vegetation" in lib.group_names and "colorchecker" in lib.group_names
-    assert 0.0 <= lib.reflectances.min() and lib.reflectances.max() <= 1.0
+    assert lib.reflectances.min() >= 0.0 and lib.reflectances.max() <= 1.0
     np.testing.assert_allclose(lib.illuminants.max(axis=1), 1.0)
 
 

@@ -279,9 +279,7 @@ class TestOpenFs:
         assert sorted(p.name for p in (tmp_path / "sub" / "dir").iterdir()) == ["obj.json"]  # no temp left
 
     def test_s3_defaults_applied(self) -> None:
-        fs, path = open_fs(
-            "s3://bucket/prefix/x", {"endpoint_url": "http://127.0.0.1:1", "key": KEY, "secret": SECRET}
-        )
+        fs, path = open_fs("s3://bucket/prefix/x", {"endpoint_url": "http://127.0.0.1:1", "key": KEY, "secret": SECRET})
         assert path == "bucket/prefix/x"
         config = fs.storage_options["config_kwargs"]
         assert config["request_checksum_calculation"] == "when_required"
