@@ -57,7 +57,7 @@ class Pair:
             raise ValueError(f"{self.name}: RGB {self.rgb.shape[:2]} and cube {self.cube.shape[:2]} sizes differ")
 
 
-def _fs(url: str, storage_options: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     import fsspec
 
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -145,8 +145,11 @@ def read_paired_zarr(url: str, *, storage_options: dict[str, Any] | None = None)
     import zarr
 
     group = zarr.open_group(url, mode="r", storage_options=storage_options)
-    rgb, cube = np.asarray(group["rgb"][...]), np.asarray(group["cube"][...], dtype=np.float32)
-    names = list(group.attrs["names"])
+    rgb_arr, cube_arr = group["rgb"], group["cube"]
+    if not isinstance(rgb_arr, zarr.Array) or not isinstance(cube_arr, zarr.Array):
+        raise ValueError(f"{url}: 'rgb' and 'cube' must be arrays, not groups")
+    rgb, cube = np.asarray(rgb_arr[...]), np.asarray(cube_arr[...], dtype=np.float32)
+    names = [str(n) for n in group.attrs["names"]]  # type: ignore[union-attr]
     return [Pair(n, rgb[i], cube[i]) for i, n in enumerate(names)]
 
 
@@ -200,7 +203,7 @@ class PatchDataset(torch.utils.data.Dataset):
             raise ValueError("PatchDataset: no pairs given")
         self.rgb = [preprocess(p.rgb) for p in pairs]  # divided by the whole image's max (spec §5)
         self.cube = [np.asarray(p.cube, dtype=np.float32) for p in pairs]
-        self.index = [(k, r, c) for k, p in enumerate(pairs) for r, c in patch_grid(*p.cube.shape[:2], patch, stride)]
+        self.index = [(k, r, c) for k, p in enumerate(pairs) for r, c in patch_grid(p.cube.shape[0], p.cube.shape[1], patch, stride)]
         self.patch, self.augment, self.seed, self.epoch = patch, augment or Augment(), seed, 0
 
     def set_epoch(self, epoch: int) -> None:

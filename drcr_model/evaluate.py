@@ -224,7 +224,7 @@ def run(config: EvalConfig) -> tuple[list[dict[str, Any]], str]:
         predictors |= {k: v.predict for k, v in _baselines(build_pairs(config.baseline_data)).items()}
     data = config.data
     if data.source == "synthetic":
-        inputs: dict[str, Sequence[Pair]] = heldout_synthetic(
+        inputs: Mapping[str, Sequence[Pair]] = heldout_synthetic(
             seed=data.seed,
             n_scenes=data.n_scenes,
             scene_size=data.scene_size,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class SpectralLibrary:
     illuminant_names: tuple[str, ...]
 
 
-def _import_colour():  # type: ignore[no-untyped-def]
+def _import_colour() -> Any:
     # colour-science warns on import when SciPy is absent; we only use its data, which needs no SciPy.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,3 +310,34 @@ def write_paired_dataset(
         names.append(name)
     log.info("wrote %d synthetic scenes to %s", n, root)
     return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m drcr_model.scenes OUT --n 16 --seed 0 [--size 256] [--npe 750 --jpeg-quality 65]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m drcr_model.scenes", description="Write synthetic scenes in the ARAD_1K layout."
+    )
+    p.add_argument("out", help="output folder (gets {split}_spectral/ and {split}_RGB/)")
+    p.add_argument("--n", type=int, default=16, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="data-set seed")
+    p.add_argument("--size", type=int, default=256, help="scene height and width, pixels")
+    p.add_argument("--npe", type=float, default=None, help="shot noise (challenge sample: 750); default off")
+    p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality (challenge sample: 65); default PNG")
+    p.add_argument("--split", default="Train", help="split folder prefix")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = SceneConfig(height=args.size, width=args.size)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    write_paired_dataset(
+        args.out, args.n, seed=args.seed, config=config, npe=args.npe, jpeg_quality=args.jpeg_quality, split=args.split
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

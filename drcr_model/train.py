@@ -123,7 +123,12 @@ class DataConfig:
             "must be a multiple of 4",
         )
         _check(self.stride >= 1, "data.stride", self.stride, "must be ≥ 1")
-        _check(self.scene_size >= self.patch_size, "data.scene_size", self.scene_size, "must be ≥ data.patch_size")
+        _check(
+            self.source != "synthetic" or self.scene_size >= self.patch_size,
+            "data.scene_size",
+            self.scene_size,
+            "must be ≥ data.patch_size",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

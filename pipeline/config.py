@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+
+import tomllib
 
 from pipeline.errors import ConfigError
 

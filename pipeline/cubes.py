@@ -23,8 +23,8 @@ import zarr
 import zarr.codecs
 from zarr.abc.store import Store
 
-from pipeline.config import OutputSpec
 from pipeline import storage
+from pipeline.config import OutputSpec
 
 __all__ = [
     "CUBES_DIR",
@@ -87,7 +87,7 @@ def codecs_for(spec: OutputSpec) -> list[Any]:
         return [zarr.codecs.ZstdCodec(level=spec.level)]
     if spec.compressor == "gzip":
         return [zarr.codecs.GzipCodec(level=min(spec.level, 9))]
-    cname = spec.compressor.split("-", 1)[1]
+    cname: Any = spec.compressor.split("-", 1)[1]
     typesize = 2 if spec.dtype == "float16" else 4
     return [zarr.codecs.BloscCodec(cname=cname, clevel=min(spec.level, 9), shuffle="shuffle", typesize=typesize)]
 
@@ -139,7 +139,7 @@ def mark_complete(store: Store, path: str, extra: Mapping[str, Any]) -> None:
     """Write the completion marker last: provenance updated with ``extra`` and ``complete = true``
     in one rewrite of the group's ``zarr.json``."""
     group = zarr.open_group(store, path=path, mode="r+")
-    record = dict(group.attrs.get(ATTR, {}))
+    record: dict[str, Any] = dict(group.attrs.get(ATTR, {}))  # type: ignore[arg-type]
     record.update(extra)
     group.attrs.update({ATTR: record, "complete": True})
 

@@ -75,7 +75,7 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
 def resolve_weights(spec: JobSpec) -> dict[str, Any]:
     """The weights record of a spec (its path, or the package default), with the file's sha256 checked."""
     from drcr_model import Weights
-    from drcr_model.checkpoint import read_checkpoint, extract_state_dict, infer_config
+    from drcr_model.checkpoint import extract_state_dict, infer_config, read_checkpoint
     from drcr_model.weights import default_weights
 
     opts = storage.resolve_storage_options(spec.storage)
@@ -102,7 +102,7 @@ def _list_task(url: str, kind: str, ctx: JobContext) -> tuple[list[ImageRef], li
 
 
 @ray.remote(num_returns="streaming", max_retries=3)
-def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes | None] | None = None):  # type: ignore[no-untyped-def]
+def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes | None] | None = None):
     if pair is not None:
         item, data = pair
         if isinstance(item, Rejected):
@@ -114,7 +114,7 @@ def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes 
 
 
 @ray.remote(num_returns="streaming", max_retries=0)
-def _targz_task(ctx: JobContext, url: str):  # type: ignore[no-untyped-def]
+def _targz_task(ctx: JobContext, url: str):
     """Stream a .tar.gz once: one (ImageRef | Rejected, bytes | None) object per entry."""
     rejected: list[Rejected] = []
     try:
@@ -135,7 +135,7 @@ class _PredictorActor:
     def __init__(self, ctx: JobContext, num_cpus: float) -> None:
         self.predictor = Predictor(ctx, num_cpus=num_cpus)
 
-    def run(self, group: str, scale: float, tiles: list, *windows: Any) -> dict[str, Any]:  # type: ignore[type-arg]
+    def run(self, group: str, scale: float, tiles: list[Any], *windows: Any) -> dict[str, Any]:
         out = self.predictor.run(group, scale, tiles, list(windows))
         out["node"] = ray.get_runtime_context().get_node_id()
         return out
@@ -182,6 +182,15 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     num_gpus = spec.ray.num_gpus_per_actor if spec.ray.num_gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
     if spec.inference.precision != "fp32" and num_gpus == 0:
         raise ConfigError(f"inference.precision = {spec.inference.precision!r}: half precision needs GPU actors, and this cluster has none")
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    need = spec.ray.actors * spec.ray.num_cpus_per_actor + spec.ray.decode_num_cpus
+    if cpus < need:
+        # Actors hold their CPUs for the whole job; with none left for decode tasks the job would wait forever.
+        raise ConfigError(
+            f"ray.actors × ray.num_cpus_per_actor + ray.decode_num_cpus = {need:g} CPUs, but the cluster has {cpus:g}; "
+            "lower ray.actors or ray.num_cpus_per_actor (fractions are allowed), or ray.decode_num_cpus"
+        )
 
     store = cubes.open_cubes(spec.output, opts)
     root = cubes.zarr.open_group(store, mode="a")
@@ -319,7 +328,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             targz = next(((u, g) for u, g in targz_gens if g is obj), None)
             if targz is not None:
                 try:
-                    pair_ref = next(obj)
+                    pair_ref = next(obj)  # type: ignore[arg-type]
                 except StopIteration:
                     targz_gens.remove(targz)
                     continue
@@ -341,7 +350,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 continue
             slot = slots[obj]
             try:
-                item_ref = next(obj)
+                item_ref = next(obj)  # type: ignore[arg-type]
             except StopIteration:
                 slot.exhausted = True
                 flush(slot, final=True)

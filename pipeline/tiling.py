@@ -59,7 +59,7 @@ def plan_tiles(height: int, width: int, *, max_tile_pixels: int, tile_core: int,
     if tile_core % 4 or halo % 2:
         raise ValueError(f"tile_core ({tile_core}) must be a multiple of 4 and halo ({halo}) even")
     side = tile_core + 2 * halo
-    tiles = []
+    tiles: list[Tile] = []
     for cy in range(0, height, tile_core):
         for cx in range(0, width, tile_core):
             ch, cw = min(tile_core, height - cy), min(tile_core, width - cx)

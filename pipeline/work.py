@@ -185,7 +185,7 @@ class Predictor:
         weights = Weights.from_record(ctx.weights)
         self.model = weights.load(device=self.device, storage_options=self._opts)
         if ctx.spec.inference.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.store = cubes.open_cubes(ctx.spec.output, self._opts)
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
@@ -198,7 +198,7 @@ class Predictor:
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32
-            cube = reconstruct(x, self.model, mode=inf.mode, precision=inf.precision, channels_last=inf.channels_last, preprocessed=True)
+            cube = reconstruct(x, self.model, mode=inf.mode, precision=inf.precision, channels_last=inf.channels_last, preprocessed=True)  # type: ignore[arg-type]
             outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
         else:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])

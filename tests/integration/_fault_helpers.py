@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.sample import sample_image
-from pipeline.storage import open_fs
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(Path(os.sys.executable))  # the venv's python (pytest runs under it)

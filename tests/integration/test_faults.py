@@ -62,3 +62,56 @@ def reference(fault_bucket, ray_local):  # type: ignore[no-untyped-def]
 
 def test_reference_run(reference) -> None:  # type: ignore[no-untyped-def]
     assert len(reference.ref.rows) == fh.N_INPUTS
+
+
+class _Killer(threading.Thread):
+    """Calls ``fire()`` ``times`` times, ``every`` seconds apart, the first once ``ready()`` is true."""
+
+    def __init__(self, fire: Any, *, times: int, every: float, ready: Any = lambda: True, first_after: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.fire, self.times, self.every, self.ready, self.first_after = fire, times, every, ready, first_after
+        self.log: list[tuple[float, Any]] = []
+        self.stop = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.ready():
+            self.stop.wait(0.05)
+        self.stop.wait(self.first_after)
+        while not self.stop.is_set() and len(self.log) < self.times:
+            what = self.fire()
+            if what:
+                self.log.append((round(time.perf_counter() - self.t0, 2), what))
+                self.stop.wait(self.every)
+            else:
+                self.stop.wait(0.05)
+
+
+def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the inference actor's worker process 4 times while it runs a batch: Ray restarts the actor
+    (max_restarts=-1) and retries the lost calls (max_task_retries=3); every image ends ok and identical."""
+    from pipeline.execution import run_job
+
+    me = os.getpid()
+
+    def busy_actor_pids() -> list[int]:
+        # Ray titles a worker "ray::_PredictorActor.run" while it executes run(); ours descend from this process.
+        return [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
+
+    def kill() -> list[str] | None:
+        pids = busy_actor_pids()
+        return [fh.proc_title(p) for p in pids] if fh.sigkill(pids) else None
+
+    killer = _Killer(kill, times=4, every=2.5, ready=lambda: bool(busy_actor_pids()), first_after=1.0)
+    killer.start()
+    t0 = time.perf_counter()
+    try:
+        summary = run_job(_spec(fault_bucket, "actor_kills"))
+    finally:
+        killer.stop.set()
+        killer.join()
+    elapsed = time.perf_counter() - t0
+    print(f"\n[figures] actor kills: {len(killer.log)} kills at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}")
+    assert len(killer.log) == 4, killer.log
+    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/actor_kills", reference.ref)
+    assert counts == {"ok": fh.N_INPUTS}

@@ -8,7 +8,6 @@ is reported while the rest succeed; a second run skips everything.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import zipfile
 
