@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo s3-demo test test-fast lint typecheck bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ demo: setup
 	$(BIN)/drcr-pipeline make-sample out/sample
 	$(BIN)/drcr-pipeline run --spec jobs/demo.toml
 
+# The S3 example job against a local S3-compatible server (rclone, from the test extras): uploads a sample
+# to s3://drcr-demo/archives/, runs jobs/s3_example.toml on a local Ray, opens a cube with xarray.
+s3-demo: setup
+	$(BIN)/python scripts/s3_demo.py
+
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
@@ -36,8 +41,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-bench: setup
-	$(BIN)/python benchmarks/bench_model.py
+bench: setup  # performance suite, small configs, bounded time; `bench-full` for full sizes
+	$(BIN)/python benchmarks/run_all.py --quick
+
+bench-full: setup
+	$(BIN)/python benchmarks/run_all.py
 	$(BIN)/python benchmarks/bench_tiling.py
 
 clean:

@@ -153,23 +153,22 @@ def _evaluate_all(
 def evaluate_default_weights(
     weights_path: str | Path, train_config: Any, *, out_dir: str | Path, seed: int, n_scenes: int, scene_size: int
 ) -> tuple[dict[str, Any], str]:
-    """Metrics of a trained state_dict and the root-polynomial baselines (fitted on the same training
-    scenes) on held-out synthetic scenes; returns (``Weights.metrics`` dict, printed table) and writes
-    ``{out_dir}/heldout_metrics.parquet``."""
-    from drcr_model.net import DRCRNet
-    from drcr_model.train import build_pairs
+    """Metrics of trained weights and the root-polynomial baselines (fitted on the same training scenes)
+    on held-out synthetic scenes, clean and degraded; returns (``Weights.metrics`` dict, printed table)
+    and writes ``{out_dir}/heldout_metrics.parquet``."""
+    from drcr_model.train import DataConfig
 
-    model = DRCRNet(**dataclasses.asdict(train_config.model))
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    predictors: dict[str, Predictor] = {"drcr": drcr_predictor(model)}
-    predictors |= {k: v.predict for k, v in _baselines(build_pairs(train_config.data)).items()}
-    inputs = heldout_synthetic(seed=seed, n_scenes=n_scenes, scene_size=scene_size)
-    rows = _evaluate_all(predictors, inputs, clip=True, crop=False)
-    write_parquet(rows, Path(out_dir) / "heldout_metrics.parquet")
+    job = EvalConfig(
+        weights=str(weights_path),
+        data=DataConfig(seed=seed, n_scenes=n_scenes, scene_size=scene_size),
+        baseline_data=train_config.data,
+        output=str(Path(out_dir) / "heldout_metrics.parquet"),
+    )
+    rows, table = run(job)
     metrics: dict[str, Any] = {}
     for (method, inp), m in summarize(rows).items():
         metrics.setdefault(f"synthetic_heldout_{inp}", {})[method] = {k: round(v, 5) for k, v in m.items()}
-    return metrics, format_table(rows)
+    return metrics, table
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

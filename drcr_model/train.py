@@ -33,6 +33,7 @@ import tomllib
 import torch
 
 from drcr_model.camera import DEFAULT_BANDS, simulate_rgb
+from drcr_model.checkpoint import extract_state_dict, load_state_dict
 from drcr_model.datasets import Augment, Pair, PatchDataset, read_arad, read_paired_zarr
 from drcr_model.net import DRCRNet
 
@@ -152,6 +153,8 @@ class TrainConfig:
         log_every: log and record the mean loss every this many iterations.
         threads: torch intra-op threads per process (0: leave torch's default).
         num_workers: Ray Train workers; 0 trains in this process without Ray.
+        init_weights: optional checkpoint (path or URL, e.g. the authors' ``model.pth``) to start from
+            instead of random initialisation; the optimizer starts fresh. Ignored when resuming.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -170,6 +173,7 @@ class TrainConfig:
     log_every: int = 50
     threads: int = 0
     num_workers: int = 0
+    init_weights: str = ""
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
@@ -359,6 +363,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
         self.loss_fn = _loss_fn(config.loss)
         self.iteration = 0
+        if config.init_weights:
+            from drcr_model.checkpoint import read_checkpoint
+
+            obj, _ = read_checkpoint(config.init_weights)
+            load_state_dict(self.net, extract_state_dict(obj, source=config.init_weights), source=config.init_weights)
         self.local_batch = config.batch_size // world_size
         usable = len(dataset) // world_size * world_size
         self.iters_per_epoch = usable // world_size // self.local_batch
@@ -417,7 +426,8 @@ class Trainer:
         missing = {"iter", "state_dict", "optimizer"} - set(obj)
         if missing:
             raise ValueError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
-        self.net.load_state_dict(obj["state_dict"])
+        # The shared loader also accepts the authors' files (``module.`` prefixes, positional names).
+        load_state_dict(self.net, extract_state_dict(obj, source=str(path)), source=str(path))
         self.optimizer.load_state_dict(obj["optimizer"])
         self.iteration = int(obj["iter"])
         if obj.get("rng") is not None:

@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
 from pipeline.sources import ImageRef, Rejected, expand_inputs, iter_targz, list_members
-from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, prepare_image, storage_options
+from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
 __all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
 
@@ -49,6 +49,9 @@ class RunSummary:
     elapsed_s: float = 0.0
     manifest: str = ""
     nodes: list[str] = dataclasses.field(default_factory=list)
+    peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
+    and ``actor`` (largest over inference actors, which also write the cubes)."""
 
     @property
     def megapixels_per_s(self) -> float:
@@ -221,8 +224,10 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         progress("total", len(work) + len(rows))
         progress("done", len(rows))
 
+    # max_concurrency=2 (ray.overlap_writes): one call writes its cores while the next one computes.
+    concurrency = 2 if spec.ray.overlap_writes else 1
     actors = [
-        _PredictorActor.options(num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus).remote(ctx, spec.ray.num_cpus_per_actor)  # type: ignore[attr-defined]
+        _PredictorActor.options(num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus, max_concurrency=concurrency).remote(ctx, spec.ray.num_cpus_per_actor)  # type: ignore[attr-defined]
         for _ in range(spec.ray.actors)
     ]
     load = [0] * len(actors)
@@ -232,6 +237,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     targz_gens: list[Any] = []
     megapixels = 0.0
     nodes: set[str] = set()
+    peaks = {"prepare": 0, "actor": 0}
     capacity = len(actors) * spec.ray.max_batches_per_actor
 
     def start_image(item: Any) -> None:
@@ -247,6 +253,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         if meta is None:
             return
         del slots[slot.gen]
+        peaks["prepare"] = max(peaks["prepare"], meta.peak_rss)
+        peaks["actor"] = max([peaks["actor"]] + [int(r.get("peak_rss", 0)) for r in slot.results])
         row = _row(ctx, meta.ref, group=meta.group, source_sha256=meta.sha256, source_bytes=meta.nbytes, width=meta.width, height=meta.height, tiles=len(meta.tiles), decode_s=meta.decode_s, total_s=time.perf_counter() - slot.t0)
         if meta.status != "run":
             row.status, row.error_type, row.error = meta.status, meta.error_type, meta.error
@@ -378,7 +386,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             slot.next_tile += 1
             flush(slot, final=False)
 
-    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes))
+    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes), peak_rss={"driver": peak_rss(), **peaks})
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import resource
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -71,6 +73,8 @@ class ImageMeta:
     tiles: list[Tile] = dataclasses.field(default_factory=list)
     decode_s: float = 0.0
     started: str = ""
+    peak_rss: int = 0
+    """Peak resident memory (bytes) of the preparing process when the image was decoded and planned."""
 
 
 def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any]:
@@ -153,9 +157,15 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         yield meta
         return
     meta.decode_s = time.perf_counter() - t0
+    meta.peak_rss = peak_rss()
     yield meta
     for tile in meta.tiles:
         yield extract_window(image, tile)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux ``ru_maxrss`` is in KiB; it never goes down)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _torch_threads(num_cpus: float) -> int:
@@ -188,13 +198,32 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.store = cubes.open_cubes(ctx.spec.output, self._opts)
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        # Calls may run in two threads (``ray.overlap_writes``): one computes while the other writes its
+        # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
+        self._compute = threading.Lock()
 
     def run(self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> dict[str, Any]:
-        """Run one batch (tiles of one image, in plan order) and write each core; returns timings."""
+        """Run one batch (tiles of one image, in plan order) and write each core; returns timings.
+
+        Thread-safe: computes are serialised, the zarr writes of one call overlap the next call's compute.
+        Returns only after this batch's writes finished.
+        """
+        with self._compute:
+            t0 = time.perf_counter()
+            outputs = self._compute_batch(scale, tiles, windows)
+            t1 = time.perf_counter()
+        cubes.write_regions(self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)])
+        t2 = time.perf_counter()
+        return {"infer_s": t1 - t0, "write_s": t2 - t1, "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid(), "peak_rss": peak_rss()}
+
+    def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Each tile's core of the model output, bands × core_h × core_w float32."""
         from drcr_model.inference import forward, reconstruct
 
         inf = self.ctx.spec.inference
-        t0 = time.perf_counter()
+        if inf.stand_in_latency_s > 0:  # benchmark stand-in (config.InferenceSpec): no model, fixed latency
+            time.sleep(inf.stand_in_latency_s)
+            return [np.zeros((len(self.ctx.bands_nm), t.core_h, t.core_w), dtype=np.float32) for t in tiles]
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32
@@ -204,11 +233,7 @@ class Predictor:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
             y = forward(self.model, batch, precision=inf.precision, channels_last=inf.channels_last)
             outputs = [crop_core(y[i], tile) for i, tile in enumerate(tiles)]
-        t1 = time.perf_counter()
-        for tile, core in zip(tiles, outputs):
-            cubes.write_region(self.store, group, tile.core_y0, tile.core_x0, core)
-        t2 = time.perf_counter()
-        return {"infer_s": t1 - t0, "write_s": t2 - t1, "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid()}
+        return outputs
 
 
 def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]) -> None:

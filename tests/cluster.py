@@ -134,7 +134,7 @@ class LocalCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"ray start {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
-    def start(self, timeout: float = 90.0) -> LocalCluster:
+    def start(self, timeout: float = 180.0) -> LocalCluster:
         """Start the head and every worker node, and wait until all of them are alive; returns self."""
         head = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", *self._common(self.head_cpus)]
         if self.dashboard:
@@ -143,7 +143,15 @@ class LocalCluster:
             head += ["--include-dashboard=false"]
         self._ray_start(head)
         for cpus in self.node_cpus:
-            self._ray_start([f"--address={self.address}", *self._common(cpus)])
+            # Every node here shares one loopback: the per-node agents' fixed default ports (dashboard agent
+            # 52365, ...) would collide with the head's, so each worker node gets free ones.
+            ports = (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+            )
+            self._ray_start([f"--address={self.address}", *self._common(cpus), *(f"{p}={free_port()}" for p in ports)])
         self.wait_for_nodes(1 + len(self.node_cpus), timeout)
         if self.dashboard:
             self._wait_http(f"{self.dashboard_url}/api/version", timeout)
@@ -152,14 +160,18 @@ class LocalCluster:
     def wait_for_nodes(self, n: int, timeout: float) -> list[dict]:  # type: ignore[type-arg]
         """Wait until ``n`` nodes are alive (asked in a short-lived driver process); returns their records."""
         code = (
-            "import json, ray; ray.init(address=%r, log_to_driver=False); "
+            "import json, ray; ray.init(log_to_driver=False); "  # RAY_ADDRESS from the environment
             "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'cpus': n['Resources'].get('CPU', 0)} "
-            "for n in ray.nodes() if n['Alive']]))" % self.address
+            "for n in ray.nodes() if n['Alive']]))"
         )
         deadline = time.monotonic() + timeout
         while True:
-            proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=timeout)
-            nodes = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else []
+            proc = subprocess.run(
+                [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+            nodes = (
+                json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else []
+            )
             if len(nodes) >= n:
                 return nodes  # type: ignore[no-any-return]
             if time.monotonic() > deadline:
@@ -190,8 +202,13 @@ class LocalCluster:
         return self.env | extra
 
     def stop(self) -> None:
-        """``ray stop --force``: kills every Ray process visible here, so only inside this PID namespace."""
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=60)
+        """``ray stop --force``: kills every Ray process visible here, so only inside this PID namespace.
+
+        ``ray start`` daemonises, so the killed processes are children of the namespace's PID 1 (python,
+        which does not reap them); ``ray stop`` would wait its whole grace period on their zombies. The
+        kernel reaps them when PID 1 exits, so a short grace period loses nothing.
+        """
+        subprocess.run([self.ray, "stop", "--force", "--grace-period=1"], env=self.env, capture_output=True, timeout=60)
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -220,18 +237,28 @@ def can_isolate() -> bool:
         return False
 
 
-def isolated_command(cmd: Sequence[str], *, head_cpus: int = 1, node_cpus: Sequence[int] = (), dashboard: bool = False) -> list[str]:
+def isolated_command(
+    cmd: Sequence[str], *, head_cpus: int = 1, node_cpus: Sequence[int] = (), dashboard: bool = False
+) -> list[str]:
     """The argv running ``cmd`` against a fresh :class:`LocalCluster` inside its own namespaces."""
-    opts = [f"--head-cpus={head_cpus}", *(f"--node-cpus={c}" for c in node_cpus)] + (["--dashboard"] if dashboard else [])
+    opts = [f"--head-cpus={head_cpus}", *(f"--node-cpus={c}" for c in node_cpus)] + (
+        ["--dashboard"] if dashboard else []
+    )
     return namespaced([sys.executable, str(Path(__file__).resolve()), *opts, "--", *cmd])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Start a local Ray cluster, run a command against it, stop it (use inside `unshare`).")
+    p = argparse.ArgumentParser(
+        description="Start a local Ray cluster, run a command against it, stop it (use inside `unshare`)."
+    )
     p.add_argument("--head-cpus", type=int, default=1)
-    p.add_argument("--node-cpus", type=int, action="append", default=[], help="add a worker node with this many CPUs (repeatable)")
+    p.add_argument(
+        "--node-cpus", type=int, action="append", default=[], help="add a worker node with this many CPUs (repeatable)"
+    )
     p.add_argument("--dashboard", action="store_true", help="start the dashboard / Ray Jobs server")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run with RAY_ADDRESS (and RAY_API_SERVER_ADDRESS) set")
+    p.add_argument(
+        "cmd", nargs=argparse.REMAINDER, help="-- command to run with RAY_ADDRESS (and RAY_API_SERVER_ADDRESS) set"
+    )
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -240,7 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         cluster.start()
-        print(f"[cluster] {1 + len(args.node_cpus)} node(s) at {cluster.address} up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"[cluster] {1 + len(args.node_cpus)} node(s) at {cluster.address} up in {time.monotonic() - t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return subprocess.run(cmd, env=cluster.command_env()).returncode
     finally:
         cluster.stop()

@@ -206,7 +206,9 @@ def isolated(cmd: str, *, net: bool) -> list[str]:
     namespace with only ``lo`` up. The shell ``exec``s the command, so it is the namespace's PID 1: killing it
     kills every process of the namespace (Ray's GCS, raylets, workers)."""
     flags = ["-p", "-f", "-m", "--mount-proc", "--kill-child"] + (["-n"] if net else [])
-    setup = "ip link set lo up; " if net else ""
+    # Ray writes /tmp/ray/ray_current_cluster, which a later ray.init() without an address would join: the
+    # namespace gets its own /tmp/ray (a tmpfs in its mount namespace) so nothing leaks to the host's Ray.
+    setup = "mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && " + ("ip link set lo up && " if net else "")
     return ["unshare", *flags, "sh", "-c", f"{setup}exec {cmd}"]
 
 

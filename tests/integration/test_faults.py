@@ -8,6 +8,7 @@ Real local Ray, the real local S3 server; each test ends with
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -98,11 +99,16 @@ def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -
         # Ray titles a worker "ray::_PredictorActor.run" while it executes run(); ours descend from this process.
         return [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
 
+    seen: dict[int, float] = {}
+
     def kill() -> list[str] | None:
-        pids = busy_actor_pids()
+        # Only a worker that has been up for a second: the restarted actor's first call is the retry of the
+        # batch just lost, and killing that one again and again is the "poison batch" case (see below).
+        now = time.perf_counter()
+        pids = [p for p in busy_actor_pids() if now - seen.setdefault(p, now) >= 1.0]
         return [fh.proc_title(p) for p in pids] if fh.sigkill(pids) else None
 
-    killer = _Killer(kill, times=4, every=2.5, ready=lambda: bool(busy_actor_pids()), first_after=1.0)
+    killer = _Killer(kill, times=4, every=1.0, ready=lambda: bool(busy_actor_pids()), first_after=1.0)
     killer.start()
     t0 = time.perf_counter()
     try:
@@ -114,4 +120,130 @@ def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -
     print(f"\n[figures] actor kills: {len(killer.log)} kills at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}")
     assert len(killer.log) == 4, killer.log
     counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/actor_kills", reference.ref)
+    assert counts == {"ok": fh.N_INPUTS}, [(r["input"], r["error_type"], r["error"]) for r in fh.read_rows(fault_bucket.fs, f"{fault_bucket.name}/actor_kills") if r["status"] != "ok"]
+
+
+def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A two-node cluster (head + ``ray start --address`` worker, in a network namespace with only ``lo``);
+    the worker node's process group is SIGKILLed while its actor runs a batch. The GCS marks the node dead,
+    the actor restarts on the head, lost tiles are rebuilt from lineage: every image ends ok and identical."""
+    import json
+    import subprocess
+
+    server = fault_bucket.server
+    result = tmp_path / "result.json"
+    params = {
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0,
+        "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
+    }  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
+    # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
+    # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
+    proc = subprocess.run(cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(result.read_text())
+    s = out["summary"]
+    server.restart()  # the host's rclone caches directory listings; the namespace's rclone wrote the output
+    print(f"\n[figures] worker node kill: {out['kill']}; {out['elapsed_s']:.1f} s vs {reference.elapsed:.1f} s clean (1 node); ok={s['ok']} failed={s['failed']}; inference on nodes {len(s['nodes'])}")
+    assert out["kill"].get("busy_actor_on_worker") is True, out
+    assert out["worker"] in s["nodes"] and out["head"] in s["nodes"]  # both nodes ran inference
+    assert out["worker"] not in out["alive_after"]
+    assert server.secret not in proc.stdout + proc.stderr
+    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/node_kill", reference.ref)
     assert counts == {"ok": fh.N_INPUTS}
+
+
+def test_s3_server_restarted(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """Stop the S3 server twice mid-job (down 3 s each, then restarted on the same port and data): botocore's
+    retries (storage.max_attempts = 10, standard mode) ride it out; every image ends ok and identical."""
+    from pipeline.execution import run_job
+
+    server = fault_bucket.server
+    out = f"{fault_bucket.name}/s3_restart"
+
+    def some_done() -> bool:  # a cube's completion marker exists: the job is well under way
+        return any(p.endswith("/zarr.json") and "-" in p.rsplit("/", 2)[-2] for p in _local_files(server.root / out))
+
+    def restart() -> str:
+        server.restart(down_for=3.0)
+        return "restarted"
+
+    killer = _Killer(restart, times=2, every=3.0, ready=some_done)
+    killer.start()
+    t0 = time.perf_counter()
+    try:
+        summary = run_job(_spec(fault_bucket, "s3_restart"))
+    finally:
+        killer.stop.set()
+        killer.join()
+        server.start()
+    elapsed = time.perf_counter() - t0
+    print(f"\n[figures] S3 restarts: {len(killer.log)} outages of 3 s at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}")
+    assert len(killer.log) == 2
+    counts = fh.check_against_reference(fault_bucket.fs, out, reference.ref)
+    assert counts == {"ok": fh.N_INPUTS}, [(r["input"], r["error"]) for r in fh.read_rows(fault_bucket.fs, out) if r["status"] != "ok"]
+
+
+def _local_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*")] if root.exists() else []
+
+
+def _complete_on_disk(root: Path) -> set[str]:
+    """Groups with a completion marker, read from the S3 server's data directory (plain files)."""
+    import json
+
+    done = set()
+    for p in root.rglob("zarr.json") if root.exists() else []:
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") is True:
+            done.add(str(p.parent.relative_to(root)))
+    return done
+
+
+def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the CLI driver (with its own local Ray, in a PID namespace so Ray dies with it) once some
+    cubes are complete, then run the same command again: the complete groups are skipped (same source hash
+    and job fingerprint), the rest are redone; the final manifest accounts for every input and every cube
+    is identical to the fault-free run's."""
+    import subprocess
+
+    server = fault_bucket.server
+    spec = _spec(fault_bucket, "driver_kill")
+    (tmp_path / "job.toml").write_text(spec.to_toml())
+    cli = f"{fh.PYTHON} -m pipeline.cli run --spec {tmp_path / 'job.toml'} --num-cpus 2 --no-progress"
+    env = fh.ray_env(server.env())
+    cubes_dir = server.root / fault_bucket.name / "driver_kill" / "cubes.zarr"
+
+    t0 = time.perf_counter()
+    first = subprocess.Popen(fh.isolated(cli, net=False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while len(_complete_on_disk(cubes_dir)) < 8:
+            assert first.poll() is None, first.communicate()
+            assert time.perf_counter() - t0 < 90
+            time.sleep(0.1)
+        driver = int(Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split()[0])
+        os.kill(driver, signal.SIGKILL)  # PID 1 of the namespace: the kernel ends its Ray with it
+        out1, err1 = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    killed_at = time.perf_counter() - t0
+    done_before = _complete_on_disk(cubes_dir)
+    assert 8 <= len(done_before) < fh.N_INPUTS
+    assert not (fault_bucket.fs.invalidate_cache() or fault_bucket.fs.exists(f"{fault_bucket.name}/driver_kill/manifest/manifest.parquet"))
+
+    t1 = time.perf_counter()
+    second = subprocess.run(fh.isolated(cli, net=False), env=env, capture_output=True, text=True, timeout=150)
+    rerun = time.perf_counter() - t1
+    assert second.returncode == 0, second.stderr[-3000:]
+    print(f"\n[figures] driver kill: killed at {killed_at:.1f} s with {len(done_before)} cubes complete; rerun {rerun:.1f} s; clean {reference.elapsed:.1f} s (in-process Ray)")
+    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/driver_kill", reference.ref, allow_skipped_complete=True)
+    rows = fh.read_rows(fault_bucket.fs, f"{fault_bucket.name}/driver_kill")
+    assert {r["group"] for r in rows if r["status"] == "skipped"} == done_before  # complete groups are not redone
+    assert counts == {"ok": fh.N_INPUTS - len(done_before), "skipped": len(done_before)}
+    for text in (out1, err1, second.stdout, second.stderr):
+        assert server.secret not in text and server.key not in text

@@ -146,3 +146,15 @@ def test_cli_trains_and_resumes(tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("batch = 3\n")
     assert main(["--config", str(bad)]) == 2
+
+
+def test_init_weights_starts_from_a_checkpoint(tmp_path) -> None:
+    cfg = _tiny_config(tmp_path)
+    pairs = _tiny_pairs(2)
+    a = Trainer(cfg, make_dataset(cfg, pairs))
+    a.run(2)
+    torch.save({"state_dict": {"module." + k: v for k, v in a.net.state_dict().items()}}, tmp_path / "w.pth")
+    b = Trainer(dataclasses.replace(cfg, init_weights=str(tmp_path / "w.pth"), seed=99), make_dataset(cfg, pairs))
+    assert b.iteration == 0
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(v, b.net.state_dict()[k]), k

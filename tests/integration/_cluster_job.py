@@ -1,0 +1,109 @@
+"""Run one job on a two-node local Ray cluster and SIGKILL the worker node mid-job (issue 5, fault b).
+
+Meant to run as PID 1 of its own network + PID namespace (``_fault_helpers.isolated(..., net=True)``): only
+``lo`` is up, so the host's S3 server is out of reach and a second ``rclone serve s3`` is started here on the
+same data directory (same bucket, same objects). Then a head node (``ray start --head``) and a worker node
+(``ray start --address ... --block`` in its own process group) start; this process is the job's driver. A
+thread waits until the worker node runs an inference batch, then kills the worker node's whole process group
+(raylet, agents, its actor and task workers). When this process exits, the kernel ends every other process of
+the namespace.
+
+Usage: ``python _cluster_job.py PARAMS.json``; writes ``PARAMS["result"]`` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import _fault_helpers as fh  # noqa: E402
+from s3server import S3Server, free_port  # noqa: E402
+
+
+def main() -> None:
+    params = json.loads(Path(sys.argv[1]).read_text())
+    server = S3Server(params["s3_root"], key=params["key"], secret=params["secret"]).start()
+    os.environ.update(server.env())
+    # The GCS declares a node dead after failure_threshold missed health checks; defaults (3 s × 5) would make
+    # the test wait ~15 s for the restart. Spread threshold 0: place each actor on the least-loaded node, so one
+    # of the two actors runs on the worker node.
+    os.environ.update({"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3", "RAY_health_check_timeout_ms": "500", "RAY_scheduler_spread_threshold": "0"})
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(Path(params["result"]).with_suffix(".worker.log"), "wb"),
+    )  # fmt: skip
+    import ray
+
+    from pipeline.config import JobSpec
+    from pipeline.execution import run_job
+
+    ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+    deadline = time.monotonic() + 60
+    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker node did not join")
+        time.sleep(0.2)
+    head_id = ray.get_runtime_context().get_node_id()
+    worker_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head_id)
+
+    log: dict[str, object] = {}
+    stop = threading.Event()
+
+    def on_worker(title: str) -> list[int]:
+        return [p for p in fh.pids_with_title(title) if fh.is_descendant(p, worker.pid)]
+
+    def killer() -> None:
+        t0 = time.perf_counter()
+        while not stop.is_set() and not on_worker("ray::_PredictorActor.run"):
+            stop.wait(0.05)
+        stop.wait(params["kill_after"])
+        while not stop.is_set() and not on_worker("ray::_PredictorActor.run"):  # strike mid-batch
+            stop.wait(0.01)
+        if stop.is_set():
+            return
+        log["busy_actor_on_worker"] = True
+        # The node's processes: `ray start --block` and everything under it (raylet, agents, and the raylet's
+        # workers, which Ray puts in process groups of their own). Kill them all at once, as a machine dies.
+        node = [int(p) for p in os.listdir("/proc") if p.isdigit() and fh.is_descendant(int(p), worker.pid)]
+        groups = {g for g in map(_pgid, node) if g is not None and g > 1}
+        for g in groups:
+            os.killpg(g, signal.SIGKILL)
+        log["processes_killed"] = fh.sigkill(node) + 0
+        log["process_groups"] = len(groups)
+        log["killed_at_s"] = round(time.perf_counter() - t0, 2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    if params["kill"]:
+        thread.start()
+    t0 = time.perf_counter()
+    summary = run_job(JobSpec.from_dict(params["spec"] | {"storage": params["spec"]["storage"] | {"endpoint_url": server.endpoint_url}}))
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    nodes_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    Path(params["result"]).write_text(json.dumps({"summary": summary.to_dict(), "elapsed_s": elapsed, "kill": log, "head": head_id, "worker": worker_id, "alive_after": nodes_alive}))
+    ray.shutdown()
+    server.stop()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
