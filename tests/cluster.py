@@ -167,7 +167,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while True:
             proc = subprocess.run(
-                [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=timeout
+                [sys.executable, "-c", code], env=self.command_env(), capture_output=True, text=True, timeout=timeout
             )
             nodes = (
                 json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else []

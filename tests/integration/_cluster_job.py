@@ -36,14 +36,35 @@ def main() -> None:
     # The GCS declares a node dead after failure_threshold missed health checks; defaults (3 s × 5) would make
     # the test wait ~15 s for the restart. Spread threshold 0: place each actor on the least-loaded node, so one
     # of the two actors runs on the worker node.
-    os.environ.update({"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3", "RAY_health_check_timeout_ms": "500", "RAY_scheduler_spread_threshold": "0"})
+    os.environ.update(
+        {
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_timeout_ms": "500",
+            "RAY_scheduler_spread_threshold": "0",
+        }
+    )
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = free_port()
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=3",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    worker_log = open(Path(params["result"]).with_suffix(".worker.log"), "wb")  # noqa: SIM115 - lives as long as the node
     worker = subprocess.Popen(
         [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(Path(params["result"]).with_suffix(".worker.log"), "wb"),
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=worker_log,
     )  # fmt: skip
     import ray
 
@@ -89,11 +110,26 @@ def main() -> None:
     if params["kill"]:
         thread.start()
     t0 = time.perf_counter()
-    summary = run_job(JobSpec.from_dict(params["spec"] | {"storage": params["spec"]["storage"] | {"endpoint_url": server.endpoint_url}}))
+    summary = run_job(
+        JobSpec.from_dict(
+            params["spec"] | {"storage": params["spec"]["storage"] | {"endpoint_url": server.endpoint_url}}
+        )
+    )
     elapsed = time.perf_counter() - t0
     stop.set()
     nodes_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    Path(params["result"]).write_text(json.dumps({"summary": summary.to_dict(), "elapsed_s": elapsed, "kill": log, "head": head_id, "worker": worker_id, "alive_after": nodes_alive}))
+    Path(params["result"]).write_text(
+        json.dumps(
+            {
+                "summary": summary.to_dict(),
+                "elapsed_s": elapsed,
+                "kill": log,
+                "head": head_id,
+                "worker": worker_id,
+                "alive_after": nodes_alive,
+            }
+        )
+    )
     ray.shutdown()
     server.stop()
 

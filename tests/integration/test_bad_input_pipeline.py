@@ -54,24 +54,48 @@ def corpus_run(s3_server, tmp_path_factory):  # type: ignore[no-untyped-def]
     fs, _ = open_fs(url, s3_server.storage_options())
     for case in cases:
         fs.pipe_file(f"{name}/in/{case.path.name}", case.path.read_bytes())
-    storage = {"endpoint_url": s3_server.endpoint_url, "key_env": "AWS_ACCESS_KEY_ID", "secret_env": "AWS_SECRET_ACCESS_KEY", "region": "us-east-1"}
+    storage = {
+        "endpoint_url": s3_server.endpoint_url,
+        "key_env": "AWS_ACCESS_KEY_ID",
+        "secret_env": "AWS_SECRET_ACCESS_KEY",
+        "region": "us-east-1",
+    }
     spec = tmp_path_factory.mktemp("spec") / "job.toml"
     from pipeline.config import JobSpec
 
-    spec.write_text(JobSpec.from_dict({"name": "bad-inputs", "inputs": [f"{url}/in/"], "output": f"{url}/out", "storage": storage, "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "halo": 8}, "output_options": {"chunk": 16}}).to_toml())
+    spec.write_text(
+        JobSpec.from_dict(
+            {
+                "name": "bad-inputs",
+                "inputs": [f"{url}/in/"],
+                "output": f"{url}/out",
+                "storage": storage,
+                "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "halo": 8},
+                "output_options": {"chunk": 16},
+            }
+        ).to_toml()
+    )
     cli = f"{fh.PYTHON} -m pipeline.cli -v run --spec {spec} --num-cpus 2 --no-progress --json"
-    proc = subprocess.run(fh.isolated(cli, net=False), env=fh.ray_env(s3_server.env()), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        fh.isolated(cli, net=False), env=fh.ray_env(s3_server.env()), capture_output=True, text=True, timeout=240
+    )
     fs.invalidate_cache()
     with fs.open(f"{name}/out/manifest/manifest.parquet", "rb") as f:
         rows = pq.read_table(f).to_pylist()
-    return SimpleNamespace(cases=cases, url=url, name=name, fs=fs, proc=proc, rows=rows, server=s3_server, corpus_dir=corpus_dir)
+    return SimpleNamespace(
+        cases=cases, url=url, name=name, fs=fs, proc=proc, rows=rows, server=s3_server, corpus_dir=corpus_dir
+    )
 
 
 def test_exit_code_and_summary(corpus_run) -> None:  # type: ignore[no-untyped-def]
     assert corpus_run.proc.returncode == 2, corpus_run.proc.stderr[-3000:]  # 2: some inputs failed
     summary = json.loads(corpus_run.proc.stdout)
     by_status = {s: sum(r["status"] == s for r in corpus_run.rows) for s in ("ok", "failed", "skipped")}
-    assert (summary["ok"], summary["failed"], summary["skipped"]) == (by_status["ok"], by_status["failed"], by_status["skipped"])
+    assert (summary["ok"], summary["failed"], summary["skipped"]) == (
+        by_status["ok"],
+        by_status["failed"],
+        by_status["skipped"],
+    )
     print(f"\n[figures] bad-input corpus: {len(CASE_NAMES)} cases, {len(corpus_run.rows)} rows: {by_status}")
 
 
@@ -80,7 +104,10 @@ def test_case_outcome(name: str, corpus_run) -> None:  # type: ignore[no-untyped
     case: Case = next(c for c in corpus_run.cases if c.name == name)
     source = f"{corpus_run.url}/in/{case.path.name}"
     # Stable sorts: duplicate member names keep archive order (the manifest is sorted by input = ...@index).
-    got = sorted((((r["member"], r["status"]), r) for r in corpus_run.rows if r["source"] == source), key=lambda x: (x[0][0] or "", x[0][1]))
+    got = sorted(
+        (((r["member"], r["status"]), r) for r in corpus_run.rows if r["source"] == source),
+        key=lambda x: (x[0][0] or "", x[0][1]),
+    )
     want = sorted(((pipeline_expect(e), e) for e in case.expected), key=lambda x: (x[0][0] or "", x[0][1]))
     assert [k for k, _ in got] == [w[:2] for w, _ in want], case.description
     for (_, row), ((_, _, reason), e) in zip(got, want, strict=True):
@@ -104,7 +131,9 @@ def test_every_row_once_and_nothing_outside_the_prefix(corpus_run) -> None:  # t
     fs, name = corpus_run.fs, corpus_run.name
     fs.invalidate_cache()
     everything = fs.find(name)
-    outside = [p for p in everything if not p.startswith((f"{name}/in/", f"{name}/out/cubes.zarr/", f"{name}/out/manifest/"))]
+    outside = [
+        p for p in everything if not p.startswith((f"{name}/in/", f"{name}/out/cubes.zarr/", f"{name}/out/manifest/"))
+    ]
     assert outside == []
     groups = {r["group"] for r in rows if r["group"]}
     assert all(".." not in g.split("/") and not g.startswith("/") for g in groups)
@@ -133,11 +162,21 @@ def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  #
     cases = make_corpus(tmp_path / "in", seed=0)
     before = {p: p.read_bytes() for p in (tmp_path / "in").rglob("*") if p.is_file()}
     out = tmp_path / "work" / "out"
-    spec = JobSpec.from_dict({"name": "bad-local", "inputs": [str(tmp_path / "in")], "output": str(out), "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "halo": 8}, "output_options": {"chunk": 16}})
+    spec = JobSpec.from_dict(
+        {
+            "name": "bad-local",
+            "inputs": [str(tmp_path / "in")],
+            "output": str(out),
+            "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "halo": 8},
+            "output_options": {"chunk": 16},
+        }
+    )
     summary = run_job(spec)
     assert summary.ok + summary.failed + summary.skipped == sum(len(c.expected) for c in cases)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in before]
-    assert written and all(p.is_relative_to(out / "cubes.zarr") or p.is_relative_to(out / "manifest") for p in written), written
+    assert written and all(
+        p.is_relative_to(out / "cubes.zarr") or p.is_relative_to(out / "manifest") for p in written
+    ), written
     assert {p: p.read_bytes() for p in (tmp_path / "in").rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["in", "work"] and os.listdir(tmp_path / "work") == ["out"]
     assert not Path("/abs").exists()
@@ -158,11 +197,39 @@ def test_wrong_weights_hash_refused(ray_local, tmp_path, capsys) -> None:  # typ
     w = untrained_demo_weights(cache_dir=tmp_path / "w")
     make_sample(tmp_path / "in", count=1)
     wrong = "0" * 64
-    rc, text = _cli(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", w.url, "--set", f"weights.sha256={wrong!r}".replace("'", '"'), "--no-progress"], capsys)
+    rc, text = _cli(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--weights",
+            w.url,
+            "--set",
+            f"weights.sha256={wrong!r}".replace("'", '"'),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert rc == 1, text
     assert "sha256" in text and wrong in text and "refusing to load" in text, text
     assert not (tmp_path / "out").exists()  # no cube, no manifest
-    rc, text = _cli(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ok"), "--weights", w.url, "--set", f'weights.sha256="{w.sha256}"', "--no-progress"], capsys)
+    rc, text = _cli(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "ok"),
+            "--weights",
+            w.url,
+            "--set",
+            f'weights.sha256="{w.sha256}"',
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert rc == 0, text
 
 
@@ -182,7 +249,19 @@ def test_pickled_code_in_weights_never_runs(ray_local, tmp_path, capsys, monkeyp
     good = torch.load(untrained_demo_weights(cache_dir=tmp_path / "w").url, weights_only=True)
     torch.save({"state_dict": good, "payload": _Evil()}, tmp_path / "evil.pt")
     make_sample(tmp_path / "in", count=1)
-    rc, text = _cli(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(tmp_path / "evil.pt"), "--no-progress"], capsys)
+    rc, text = _cli(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--weights",
+            str(tmp_path / "evil.pt"),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert rc == 1 and "weights-only" in text, text
     assert not marker.exists()
     assert not (tmp_path / "out").exists()

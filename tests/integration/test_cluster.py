@@ -117,7 +117,7 @@ def test_ray_job_submit(tmp_path: Path) -> None:
         f"&& {shlex.quote(sys.executable)} -c {shlex.quote(status)}"
     )
     proc = _run(
-        "ray job submit", cluster.isolated_command(["sh", "-c", script], head_cpus=2, dashboard=True), timeout=150
+        "ray job submit", cluster.isolated_command(["sh", "-c", script], head_cpus=2, dashboard=True), timeout=300
     )
     assert f"JOB_STATUS SUCCEEDED drcr-pipeline run --spec {spec}" in proc.stdout, proc.stdout[-4000:]
     summary = _summary_json(proc.stdout)

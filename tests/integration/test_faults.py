@@ -45,7 +45,9 @@ def fault_bucket(s3_server, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _spec(bucket: Any, out: str, **ray: Any) -> JobSpec:
-    return JobSpec.from_dict(fh.spec_dict(bucket.url, bucket.server.endpoint_url, f"{bucket.url}/{out}", bucket.weights, **ray))
+    return JobSpec.from_dict(
+        fh.spec_dict(bucket.url, bucket.server.endpoint_url, f"{bucket.url}/{out}", bucket.weights, **ray)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,9 @@ def test_reference_run(reference) -> None:  # type: ignore[no-untyped-def]
 class _Killer(threading.Thread):
     """Calls ``fire()`` ``times`` times, ``every`` seconds apart, the first once ``ready()`` is true."""
 
-    def __init__(self, fire: Any, *, times: int, every: float, ready: Any = lambda: True, first_after: float = 0.0) -> None:
+    def __init__(
+        self, fire: Any, *, times: int, every: float, ready: Any = lambda: True, first_after: float = 0.0
+    ) -> None:
         super().__init__(daemon=True)
         self.fire, self.times, self.every, self.ready, self.first_after = fire, times, every, ready, first_after
         self.log: list[tuple[float, Any]] = []
@@ -117,10 +121,16 @@ def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -
         killer.stop.set()
         killer.join()
     elapsed = time.perf_counter() - t0
-    print(f"\n[figures] actor kills: {len(killer.log)} kills at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}")
+    print(
+        f"\n[figures] actor kills: {len(killer.log)} kills at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}"
+    )
     assert len(killer.log) == 4, killer.log
     counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/actor_kills", reference.ref)
-    assert counts == {"ok": fh.N_INPUTS}, [(r["input"], r["error_type"], r["error"]) for r in fh.read_rows(fault_bucket.fs, f"{fault_bucket.name}/actor_kills") if r["status"] != "ok"]
+    assert counts == {"ok": fh.N_INPUTS}, [
+        (r["input"], r["error_type"], r["error"])
+        for r in fh.read_rows(fault_bucket.fs, f"{fault_bucket.name}/actor_kills")
+        if r["status"] != "ok"
+    ]
 
 
 def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -140,12 +150,16 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
     # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
     # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
-    proc = subprocess.run(cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     s = out["summary"]
     server.restart()  # the host's rclone caches directory listings; the namespace's rclone wrote the output
-    print(f"\n[figures] worker node kill: {out['kill']}; {out['elapsed_s']:.1f} s vs {reference.elapsed:.1f} s clean (1 node); ok={s['ok']} failed={s['failed']}; inference on nodes {len(s['nodes'])}")
+    print(
+        f"\n[figures] worker node kill: {out['kill']}; {out['elapsed_s']:.1f} s vs {reference.elapsed:.1f} s clean (1 node); ok={s['ok']} failed={s['failed']}; inference on nodes {len(s['nodes'])}"
+    )
     assert out["kill"].get("busy_actor_on_worker") is True, out
     assert out["worker"] in s["nodes"] and out["head"] in s["nodes"]  # both nodes ran inference
     assert out["worker"] not in out["alive_after"]
@@ -163,7 +177,7 @@ def test_s3_server_restarted(fault_bucket, reference, ray_local) -> None:  # typ
     out = f"{fault_bucket.name}/s3_restart"
 
     def some_done() -> bool:  # a cube's completion marker exists: the job is well under way
-        return any(p.endswith("/zarr.json") and "-" in p.rsplit("/", 2)[-2] for p in _local_files(server.root / out))
+        return bool(fh.complete_groups_local(server.root / out / "cubes.zarr"))
 
     def restart() -> str:
         server.restart(down_for=3.0)
@@ -179,29 +193,14 @@ def test_s3_server_restarted(fault_bucket, reference, ray_local) -> None:  # typ
         killer.join()
         server.start()
     elapsed = time.perf_counter() - t0
-    print(f"\n[figures] S3 restarts: {len(killer.log)} outages of 3 s at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}")
+    print(
+        f"\n[figures] S3 restarts: {len(killer.log)} outages of 3 s at {[t for t, _ in killer.log]} s; {elapsed:.1f} s vs {reference.elapsed:.1f} s clean; ok={summary.ok} failed={summary.failed}"
+    )
     assert len(killer.log) == 2
     counts = fh.check_against_reference(fault_bucket.fs, out, reference.ref)
-    assert counts == {"ok": fh.N_INPUTS}, [(r["input"], r["error"]) for r in fh.read_rows(fault_bucket.fs, out) if r["status"] != "ok"]
-
-
-def _local_files(root: Path) -> list[str]:
-    return [str(p) for p in root.rglob("*")] if root.exists() else []
-
-
-def _complete_on_disk(root: Path) -> set[str]:
-    """Groups with a completion marker, read from the S3 server's data directory (plain files)."""
-    import json
-
-    done = set()
-    for p in root.rglob("zarr.json") if root.exists() else []:
-        try:
-            meta = json.loads(p.read_text())
-        except (OSError, ValueError):  # being written
-            continue
-        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") is True:
-            done.add(str(p.parent.relative_to(root)))
-    return done
+    assert counts == {"ok": fh.N_INPUTS}, [
+        (r["input"], r["error"]) for r in fh.read_rows(fault_bucket.fs, out) if r["status"] != "ok"
+    ]
 
 
 def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -219,9 +218,11 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     cubes_dir = server.root / fault_bucket.name / "driver_kill" / "cubes.zarr"
 
     t0 = time.perf_counter()
-    first = subprocess.Popen(fh.isolated(cli, net=False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        fh.isolated(cli, net=False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        while len(_complete_on_disk(cubes_dir)) < 8:
+        while len(fh.complete_groups_local(cubes_dir)) < 8:
             assert first.poll() is None, first.communicate()
             assert time.perf_counter() - t0 < 90
             time.sleep(0.1)
@@ -232,18 +233,68 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
         if first.poll() is None:
             first.kill()
     killed_at = time.perf_counter() - t0
-    done_before = _complete_on_disk(cubes_dir)
+    done_before = fh.complete_groups_local(cubes_dir)
     assert 8 <= len(done_before) < fh.N_INPUTS
-    assert not (fault_bucket.fs.invalidate_cache() or fault_bucket.fs.exists(f"{fault_bucket.name}/driver_kill/manifest/manifest.parquet"))
+    assert not (
+        fault_bucket.fs.invalidate_cache()
+        or fault_bucket.fs.exists(f"{fault_bucket.name}/driver_kill/manifest/manifest.parquet")
+    )
 
     t1 = time.perf_counter()
     second = subprocess.run(fh.isolated(cli, net=False), env=env, capture_output=True, text=True, timeout=150)
     rerun = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr[-3000:]
-    print(f"\n[figures] driver kill: killed at {killed_at:.1f} s with {len(done_before)} cubes complete; rerun {rerun:.1f} s; clean {reference.elapsed:.1f} s (in-process Ray)")
-    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/driver_kill", reference.ref, allow_skipped_complete=True)
+    print(
+        f"\n[figures] driver kill: killed at {killed_at:.1f} s with {len(done_before)} cubes complete; rerun {rerun:.1f} s; clean {reference.elapsed:.1f} s (in-process Ray)"
+    )
+    counts = fh.check_against_reference(
+        fault_bucket.fs, f"{fault_bucket.name}/driver_kill", reference.ref, allow_skipped_complete=True
+    )
     rows = fh.read_rows(fault_bucket.fs, f"{fault_bucket.name}/driver_kill")
     assert {r["group"] for r in rows if r["status"] == "skipped"} == done_before  # complete groups are not redone
     assert counts == {"ok": fh.N_INPUTS - len(done_before), "skipped": len(done_before)}
     for text in (out1, err1, second.stdout, second.stderr):
         assert server.secret not in text and server.key not in text
+
+
+def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """Kill the actor every time it starts running a call, 5 times in a row: the batch in flight (a "poison
+    batch", e.g. a tile that OOMs its worker) exhausts max_task_retries=3. Its image is recorded ``failed``
+    (no completion marker), the job goes on; running the job again redoes exactly the failed images."""
+    from pipeline.execution import run_job
+
+    me = os.getpid()
+    out = f"{fault_bucket.name}/poison"
+
+    def kill() -> list[int] | None:
+        pids = [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
+        return pids if fh.sigkill(pids) else None
+
+    killer = _Killer(
+        kill,
+        times=5,
+        every=0.0,
+        ready=lambda: bool(fh.complete_groups_local(fault_bucket.server.root / out / "cubes.zarr")),
+    )
+    killer.start()
+    try:
+        first = run_job(_spec(fault_bucket, "poison"))
+    finally:
+        killer.stop.set()
+        killer.join()
+    rows = fh.read_rows(fault_bucket.fs, out)
+    failed = {r["input"] for r in rows if r["status"] == "failed"}
+    assert len(killer.log) == 5 and 1 <= len(failed) <= 2, [
+        (r["input"], r["error"]) for r in rows if r["status"] != "ok"
+    ]
+    assert all(r["error_type"] == "InferenceError" for r in rows if r["status"] == "failed")
+    fh.check_against_reference(fault_bucket.fs, out, reference.ref)  # the ok ones are right, the failed unmarked
+    t0 = time.perf_counter()
+    again = run_job(_spec(fault_bucket, "poison"))
+    print(
+        f"\n[figures] poison batch: 5 kills in a row -> ok={first.ok} failed={first.failed}; "
+        f"rerun {time.perf_counter() - t0:.1f} s: ok={again.ok} skipped={again.skipped}"
+    )
+    counts = fh.check_against_reference(fault_bucket.fs, out, reference.ref, allow_skipped_complete=True)
+    assert counts == {"ok": len(failed), "skipped": fh.N_INPUTS - len(failed)}
+    assert {r["input"] for r in fh.read_rows(fault_bucket.fs, out) if r["status"] == "ok"} == failed
