@@ -35,6 +35,9 @@ __all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
 
 log = logging.getLogger(__name__)
 
+NO_IMAGES = "no-images"
+"""Marker a .tar.gz stream ends with when it held no image."""
+
 # A listing entry is skipped (not an error) when it simply is not an image; every other rejection fails.
 SKIP_REASONS = ("not an image extension",)
 
@@ -118,15 +121,20 @@ def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes 
 
 @ray.remote(num_returns="streaming", max_retries=0)
 def _targz_task(ctx: JobContext, url: str):
-    """Stream a .tar.gz once: one (ImageRef | Rejected, bytes | None) object per entry."""
+    """Stream a .tar.gz once: one (ImageRef | Rejected, bytes | None) object per entry, then
+    ``(NO_IMAGES, None)`` if it held no image, or ``(InputError, None)`` if it broke off."""
     rejected: list[Rejected] = []
+    images = 0
     try:
         for ref, data in iter_targz(url, storage_options(ctx), on_rejected=rejected.append):
             while rejected:
                 yield (rejected.pop(0), None)
+            images += 1
             yield (ref, data)
         while rejected:
             yield (rejected.pop(0), None)
+        if images == 0:
+            yield (NO_IMAGES, None)
     except InputError as exc:
         while rejected:
             yield (rejected.pop(0), None)
@@ -212,12 +220,12 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     for url, ref in listings:
         listed = ray.get(ref)
         if isinstance(listed, Exception):
-            rows[url] = ManifestRow(input=storage.redact(url), source=storage.redact(url), status="failed", error_type="ArchiveError", error=str(listed), run_id=run_id)
+            rows[url] = _archive_row(url, run_id, listed)
             continue
         images, rejected = listed
         work.extend(("ref", r) for r in images)
         if not images:
-            rows[url] = ManifestRow(input=storage.redact(url), source=storage.redact(url), status="skipped", error_type="NoImages", error=f"{storage.redact(url)}: archive contains no images", run_id=run_id)
+            rows[url] = _archive_row(url, run_id, NO_IMAGES)
         for rej in rejected:
             rows[rej.ref.key] = _rejected_row(ctx, rej)
     if progress:
@@ -341,8 +349,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                     targz_gens.remove(targz)
                     continue
                 pair = ray.get(pair_ref)
-                if isinstance(pair[0], Exception):
-                    rows[targz[0]] = ManifestRow(input=storage.redact(targz[0]), source=storage.redact(targz[0]), status="failed", error_type="ArchiveError", error=str(pair[0]), run_id=run_id)
+                if isinstance(pair[0], Exception) or pair[0] == NO_IMAGES:
+                    rows[targz[0]] = _archive_row(targz[0], run_id, pair[0])
                     if progress:
                         progress("total", 1)
                         progress("done", 1)
@@ -394,6 +402,14 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     for a in actors:
         ray.kill(a)
     return summary
+
+
+def _archive_row(url: str, run_id: str, problem: Exception | str) -> ManifestRow:
+    """The row of a whole archive: ``failed`` when it cannot be read, ``skipped`` when it holds no image."""
+    name = storage.redact(url)
+    if isinstance(problem, Exception):
+        return ManifestRow(input=name, source=name, status="failed", error_type="ArchiveError", error=str(problem), run_id=run_id)
+    return ManifestRow(input=name, source=name, status="skipped", error_type="NoImages", error=f"{name}: archive contains no images", run_id=run_id)
 
 
 def _rejected_row(ctx: JobContext, rej: Rejected) -> ManifestRow:

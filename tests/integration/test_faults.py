@@ -104,12 +104,14 @@ def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -
         return [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
 
     seen: dict[int, float] = {}
+    killed: set[int] = set()
 
     def kill() -> list[str] | None:
         # Only a worker that has been up for a second: the restarted actor's first call is the retry of the
         # batch just lost, and killing that one again and again is the "poison batch" case (see below).
         now = time.perf_counter()
-        pids = [p for p in busy_actor_pids() if now - seen.setdefault(p, now) >= 1.0]
+        pids = [p for p in busy_actor_pids() if now - seen.setdefault(p, now) >= 1.0 and p not in killed]
+        killed.update(pids)
         return [fh.proc_title(p) for p in pids] if fh.sigkill(pids) else None
 
     killer = _Killer(kill, times=4, every=1.0, ready=lambda: bool(busy_actor_pids()), first_after=1.0)
@@ -266,8 +268,14 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
     me = os.getpid()
     out = f"{fault_bucket.name}/poison"
 
+    killed: set[int] = set()
+
     def kill() -> list[int] | None:
-        pids = [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
+        # A new worker each time (a killed one keeps its title until it is reaped).
+        pids = [
+            p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me) and p not in killed
+        ]
+        killed.update(pids)
         return pids if fh.sigkill(pids) else None
 
     killer = _Killer(
