@@ -151,7 +151,12 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         meta.scale = peak if peak > 0 else 1.0
         t = ctx.spec.tiling
         meta.tiles = plan_tiles(meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
-        cubes.create_cube(store, group, height=meta.height, width=meta.width, bands_nm=ctx.bands_nm, spec=ctx.spec.output_options, provenance=_provenance(ctx, meta, decoded))
+        record = (attrs or {}).get(cubes.ATTR, {})
+        # A retried or lineage-reconstructed prepare task of this same run (its tiles lost with a node)
+        # must not recreate the group: that would delete regions the actors already wrote.
+        same_run = record.get("job", {}).get("run_id") == ctx.run_id and record.get("source", {}).get("sha256") == meta.sha256
+        if not same_run:
+            cubes.create_cube(store, group, height=meta.height, width=meta.width, bands_nm=ctx.bands_nm, spec=ctx.spec.output_options, provenance=_provenance(ctx, meta, decoded))
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
         yield meta

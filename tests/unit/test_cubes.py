@@ -77,3 +77,33 @@ def test_manifest_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert (tmp_path / "manifest" / "runs" / "run1.parquet").exists()
     with pytest.raises(ValueError):
         ManifestRow(input="x", source="s", status="done")
+
+
+def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A prepare task re-run by Ray (retry or lineage reconstruction) must not wipe what actors wrote."""
+    import io
+
+    from PIL import Image
+
+    from drcr_model.weights import untrained_demo_weights
+    from pipeline.config import JobSpec
+    from pipeline.sources import ImageRef
+    from pipeline.work import JobContext, prepare_image
+
+    img = tmp_path / "a.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(buf, format="PNG")
+    img.write_bytes(buf.getvalue())
+    spec = JobSpec(inputs=[str(img)], output=str(tmp_path / "out"))
+    ctx = JobContext(spec=spec, weights=untrained_demo_weights(tmp_path / "w").to_record(), fingerprint="f", run_id="run-1")
+    ref = ImageRef(source=str(img), member=None, kind="file")
+    meta = next(prepare_image(ctx, ref))
+    store = cubes.open_cubes(spec.output)
+    cubes.write_region(store, meta.group, 0, 0, np.ones((31, 8, 8), np.float32))
+    list(prepare_image(ctx, ref))  # the same run prepares the image again
+    import zarr
+
+    assert (zarr.open_array(store, path=f"{meta.group}/cube")[:] == 1).all()
+    other = JobContext(spec=spec, weights=ctx.weights, fingerprint="f", run_id="run-2")
+    list(prepare_image(other, ref))  # a new run redoes an incomplete group from scratch
+    assert np.isnan(zarr.open_array(store, path=f"{meta.group}/cube")[:]).all()
