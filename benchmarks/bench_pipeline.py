@@ -13,14 +13,17 @@ Parts:
 
 * ``efficiency`` — end-to-end MP/s of ``run_job`` divided by the bare model's MP/s on the same tiles and
   batches with the same torch threads (1 actor × 1 CPU = 1 thread; decode has the other CPU). Reported
-  twice: whole job (includes actor start and weight loading), and steady state = the extra images of an
-  N-image job over a 1-image job, ``(N-1)·MP / (T_N - T_1)``; the fixed cost ``T_1 - 1·MP/bare`` is
-  listed separately, as is ``ray.init``. Each job is run with ``ray.overlap_writes`` false and true.
+  twice: whole job (includes actor start and weight loading), and steady state = MP ÷ the span from the
+  first compute start to the last compute end, from timestamps the actor reports (``RunSummary.compute``);
+  with the actor's busy fraction (compute ÷ that span) and its compute time per batch over the bare
+  model's. Run with ``ray.overlap_writes`` false/true and completion markers inline (before) / in driver
+  threads (after, ``pipeline.execution.FINISH_THREADS``).
 * ``memory`` — peak RSS of the driver, the prepare (decode/tile) task and the inference actor (which also
   writes the cube) for 1024², 4096², 8192² images, each size in a fresh process with a fresh Ray so the
   peaks (``ru_maxrss``, reported by the pipeline in ``RunSummary.peak_rss``) are that size's own.
 * ``scaling`` — a stand-in model (``inference.stand_in_latency_s``: sleeps per batch, writes zeros) on
-  1, 2, 4, 8 actors with fractional CPUs; steady-state tiles/s vs ideal ``actors × batch / latency``.
+  1, 2, 4, 8 actors with fractional CPUs, ≥ 20 batches per actor; steady-state tiles/s (actors'
+  timestamps, first compute start → last compute end) vs ideal ``actors × batch / latency``; medians of 3.
 """
 
 from __future__ import annotations
@@ -50,6 +53,17 @@ from bench_model import CONFIGS, cpu_name, cpu_threads  # noqa: E402
 
 CONFIGS = CONFIGS | {"mid": {"in_channels": 3, "out_channels": 31, "channels": 64, "n_blocks": 4}}
 MB = 1024 * 1024
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host, from /proc/stat (0, 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
 
 
 def machine_line() -> str:
@@ -193,41 +207,66 @@ def bare_model_mp_s(weights: str, spec: Any, image: np.ndarray, threads: int, re
 def part_efficiency(env: Env, args: argparse.Namespace) -> list[str]:
     import ray
 
+    from pipeline import execution
+
     cases = [
-        # (label, config, image side, images, tiling)
+        # (label, config, image side, images)
         ("(a) compute-bound", args.compute_config, args.compute_size, args.compute_images),
         ("(b) default (tiny 16/1)", "tiny", args.small_size, args.small_images),
     ]
-    out = [
-        "| case | model | images | ray.overlap_writes | bare model MP/s | job MP/s (whole job) | efficiency (whole job) | steady-state MP/s | efficiency (steady state) | fixed cost per job s |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    variants = [
+        # (label, ray.overlap_writes, completion markers in driver threads)
+        ("before: markers inline, overlap off", False, 0),
+        ("before: markers inline, overlap on", True, 0),
+        ("after: markers in threads, overlap off", False, execution.FINISH_THREADS),
+        ("after: markers in threads, overlap on (default)", True, execution.FINISH_THREADS),
     ]
+    out = [
+        "| case | model | images | variant | bare model MP/s | job MP/s (whole job) | efficiency (whole job) | steady-state MP/s | efficiency (steady state) | actor busy fraction | actor compute ÷ bare compute | compute CPU ÷ wall | fixed cost per job s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    threads_default = execution.FINISH_THREADS
     for label, config, side, n in cases:
         weights = write_weights(config, env.work)
         many = env.put_images(f"eff-{config}-{side}-n", [(side, side)] * n)
-        one = env.put_images(f"eff-{config}-{side}-1", [(side, side)])
         image = photo(0, side, side)
+        mp = side * side / 1e6
         base = {"ray": {"actors": 1, "num_cpus_per_actor": 1, "decode_num_cpus": 1, "batch_size": 4}}
-        for overlap in (False, True):
+        spec0 = env.spec(many, weights, ray=base["ray"])
+        # The bare model runs as a 1-CPU Ray task: same process kind, OMP settings and niceness as the actor.
+        bare_task = ray.remote(num_cpus=1)(bare_model_mp_s)
+        b = statistics.median(ray.get(bare_task.remote(weights, spec0, image, 1, 3)) for _ in range(args.reps))
+        for vlabel, overlap, threads in variants:
+            execution.FINISH_THREADS = threads
             ray_sec = base["ray"] | {"overlap_writes": overlap}
-            bare, t_n, t_1 = [], [], []
-            for _ in range(args.reps):
-                spec = env.spec(many, weights, ray=ray_sec)
-                # The bare model runs as a 1-CPU Ray task: same process kind, OMP settings and niceness as
-                # the actor (Ray workers run at nice 15; on a busy machine a nice-0 driver gets far more CPU).
-                bare_task = ray.remote(num_cpus=1)(bare_model_mp_s)
-                bare.append(ray.get(bare_task.remote(weights, spec, image, 1, 1 if config in ("full", "mid") else 3)))
-                t_n.append(run(spec).elapsed_s)
-                t_1.append(run(env.spec(one, weights, ray=ray_sec)).elapsed_s)
-            mp = side * side / 1e6
-            b, tn, t1 = statistics.median(bare), statistics.median(t_n), statistics.median(t_1)
-            whole = n * mp / tn
-            steady = (n - 1) * mp / (tn - t1) if tn > t1 else float("nan")
+            whole, steady, busy, slow, fixed, oncpu = [], [], [], [], [], []
+            try:
+                for _ in range(args.reps):
+                    print(f"  … efficiency {config} {vlabel}", file=sys.stderr, flush=True)
+                    s = run(env.spec(many, weights, ray=ray_sec))
+                    c = s.compute
+                    whole.append(n * mp / s.elapsed_s)
+                    # steady state, from the actors' own timestamps: first compute start → last compute end
+                    steady.append(n * mp / c["span_s"])
+                    busy.append(c["busy_fraction"])
+                    slow.append((c["busy_s"] / n) / (mp / b))
+                    fixed.append(s.elapsed_s - c["span_s"])
+                    oncpu.append(c["cpu_s"] / c["busy_s"])
+            finally:
+                execution.FINISH_THREADS = threads_default
+            w, st = statistics.median(whole), statistics.median(steady)
             out.append(
-                f"| {label} | {config} {CONFIGS[config]['channels']}/{CONFIGS[config]['n_blocks']} | {n} × {side}² | {overlap} | {b:.4f} | {whole:.4f} | {whole / b:.2f} | {steady:.4f} | {steady / b:.2f} | {t1 - mp / b:.1f} |"
+                f"| {label} | {config} {CONFIGS[config]['channels']}/{CONFIGS[config]['n_blocks']} | {n} × {side}² | {vlabel} | {b:.4f} | {w:.4f} | {w / b:.2f} | {st:.4f} | {st / b:.2f} | {statistics.median(busy):.2f} | {statistics.median(slow):.2f} | {statistics.median(oncpu):.2f} | {statistics.median(fixed):.1f} |"
             )
-            print(out[-1], file=sys.stderr, flush=True)
-    out.append(f"\n`ray.init` (local, 2 CPUs): {env.ray_init_s:.1f} s, not included above. Medians of {args.reps} run(s).")
+    out.append(
+        f"\n`ray.init` (local, 2 CPUs): {env.ray_init_s:.1f} s, not included above. Medians of {args.reps} run(s). "
+        "Steady state = images' MP ÷ (first compute start → last compute end, timestamps reported by the actor); "
+        "busy fraction = actor compute time ÷ that span (1 − idle share); actor compute ÷ bare = time per batch in the "
+        "actor over the bare model's (> 1: slowed by the rest of the job sharing the 2 CPUs); compute CPU ÷ wall = CPU time of the computing thread ÷ its "
+        "wall time (< 1: the nice-15 actor was descheduled mid-compute; ≈ 1 with a slowdown: cache/memory-bandwidth contention). "
+        "steady-state efficiency ≈ busy fraction ÷ (actor compute ÷ bare). Fixed cost = job time − steady span "
+        "(actor start, weight load, first decode, last write and marker, manifest)."
+    )
     return out
 
 
@@ -276,7 +315,7 @@ def part_memory(env: Env, args: argparse.Namespace) -> list[str]:
                 peaks[side] = p
             decoded = side * side * 3
             out.append(f"| {side}² | {overlap} | {decoded / MB:.0f} | {p['driver'] / MB:.0f} (before the job {res['driver_before'] / MB:.0f}) | {p['prepare'] / MB:.0f} | {p['actor'] / MB:.0f} | {(p['prepare'] - decoded) / MB:.0f} | {res['elapsed_s']:.1f} |")
-            print(out[-1], file=sys.stderr, flush=True)
+            print(f"  … memory {side}² overlap {overlap} done", file=sys.stderr, flush=True)
     lo, hi = min(peaks, default=0), max(peaks, default=0)
     if lo and hi and lo != hi:
         r = {k: peaks[hi][k] / peaks[lo][k] for k in ("driver", "actor")}
@@ -294,8 +333,8 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
     lat, bs, core = args.latency, 4, 64
     tiles_per_image = (512 // core) ** 2
     out = [
-        "| actors | CPUs per actor | images (steady / base) | tiles/s (steady state) | ideal tiles/s | ratio |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| actors | CPUs per actor | images × tiles | tiles/s, all actors active | ideal tiles/s | ratio (median, min–max) | all-active window s | tiles/s, first start → last end (ratio) | actor busy fraction | host CPU busy | job s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for n in args.actors:
         cpu = 1.5 / max(n, 1) if n > 1 else 1.0
@@ -305,26 +344,38 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
             "output_options": {"chunk": core},
             "ray": {"actors": n, "num_cpus_per_actor": cpu, "decode_num_cpus": 0.5 / 4, "batch_size": bs, "max_images_in_flight": max(4, n)},
         }  # fmt: skip
-        # enough work for every actor to run `batches` batches in the steady part
-        n_big = max(2, int(np.ceil(n * args.batches * bs / tiles_per_image)))
-        n_small = max(1, n_big // 4)
-        big = env.put_images(f"scale-{n}-big", [(512, 512)] * n_big)
-        small = env.put_images(f"scale-{n}-small", [(512, 512)] * n_small)
-        t_big, t_small = [], []
-        for _ in range(args.reps):
-            t_big.append(run(env.spec(big, weights, **sec)).elapsed_s)
-            t_small.append(run(env.spec(small, weights, **sec)).elapsed_s)
-        rate = (n_big - n_small) * tiles_per_image / (statistics.median(t_big) - statistics.median(t_small))
+        # `batches` per actor in the window where all actors run, plus room for staggered actor start-up
+        n_img = max(2, int(np.ceil(n * args.batches * bs / tiles_per_image))) + (n if n > 2 else 0)
+        inputs = env.put_images(f"scale-{n}", [(512, 512)] * n_img)
         ideal = n * bs / lat
-        out.append(f"| {n} | {cpu:.3g} | {n_big} / {n_small} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.2f} |")
-        print(out[-1], file=sys.stderr, flush=True)
-    out.append(f"\nStand-in latency {lat * 1000:.0f} ms per batch of {bs} tiles ({core}² cores, each written to zarr as zeros); 512² images, {tiles_per_image} tiles each; medians of {args.reps} run(s).")
+        ratios, spans, busy, job, window, host = [], [], [], [], [], []
+        for _ in range(args.reps):
+            print(f"  … scaling {n} actors", file=sys.stderr, flush=True)
+            b0, t0 = cpu_ticks()
+            s = run(env.spec(inputs, weights, **sec))
+            b1, t1 = cpu_ticks()
+            host.append((b1 - b0) / (t1 - t0) if t1 > t0 else float("nan"))
+            c = s.compute
+            ratios.append(c["all_active_pixels"] / core**2 / c["all_active_s"] / ideal if c["all_active_s"] > 0 else float("nan"))
+            spans.append(n_img * tiles_per_image / c["span_s"] / ideal)
+            window.append(c["all_active_s"])
+            busy.append(c["busy_fraction"])
+            job.append(s.elapsed_s)
+        r, sp = statistics.median(ratios), statistics.median(spans)
+        out.append(f"| {n} | {cpu:.3g} | {n_img} × {tiles_per_image} | {r * ideal:.1f} | {ideal:.1f} | {r:.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(window):.1f} | {sp * ideal:.1f} ({sp:.2f}) | {statistics.median(busy):.2f} | {statistics.median(host):.2f} | {statistics.median(job):.1f} |")
+    out.append(
+        f"\nStand-in latency {lat * 1000:.0f} ms per batch of {bs} tiles, held under the actor's compute lock like real compute "
+        f"({core}² cores, each written to zarr as zeros); 512² images, {tiles_per_image} tiles each; medians of {args.reps} run(s). "
+        "Steady state = tiles computed while every actor was running (after the last actor's first compute start, before the "
+        "first actor's last compute end; batches pro-rated) ÷ that window, from timestamps the actors report; the first-start → "
+        "last-end column includes the staggered start-up of the actors (each imports torch and loads weights on the same 2 CPUs). Host CPU busy: /proc/stat over the whole job, both CPUs."
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes, one run each (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes (mid 64/4 as the compute-bound model, 3 runs each)")
     p.add_argument("--parts", nargs="+", default=["efficiency", "memory", "scaling"], choices=["efficiency", "memory", "scaling"])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--compute-config", default=None, choices=list(CONFIGS))
@@ -344,13 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(args)
         return 0
     q = args.quick
-    args.reps = args.reps or (1 if q else 3)
+    args.reps = args.reps or 3
     args.compute_config = args.compute_config or ("mid" if q else "full")
     args.compute_size = args.compute_size or (128 if q or args.compute_config == "full" else 256)
-    args.compute_images = args.compute_images or 3
+    args.compute_images = args.compute_images or (6 if q else 12)
     args.small_images = args.small_images or (6 if q else 12)
     args.memory_model = args.memory_model or ("stand-in" if q else "tiny")
-    args.batches = args.batches or (8 if q else 20)
+    args.batches = args.batches or 20
 
     import torch
 

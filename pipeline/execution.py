@@ -13,6 +13,7 @@ Actor restarts and task retries are on; an image whose batches still fail is rec
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 NO_IMAGES = "no-images"
 """Marker a .tar.gz stream ends with when it held no image."""
 
+FINISH_THREADS = 4
+"""Threads that write completion markers beside the driver loop (0: inline, as before; benchmarks compare)."""
+
 # A listing entry is skipped (not an error) when it simply is not an image; every other rejection fails.
 SKIP_REASONS = ("not an image extension",)
 
@@ -55,6 +59,14 @@ class RunSummary:
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
     and ``actor`` (largest over inference actors, which also write the cubes)."""
+    compute: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Model compute of the inference actors (see :func:`compute_stats`): ``batches``, ``busy_s`` (sum of
+    compute times), ``cpu_s`` (CPU time of the computing threads; below ``busy_s`` when the actor was
+    descheduled mid-compute), ``span_s`` (first compute start to last compute end, over all actors) and
+    ``busy_fraction`` (per actor, compute time ÷ its own first-start-to-last-end span, averaged): the
+    share of its steady-state time an actor spent computing rather than waiting for work; ``all_active_s``
+    and ``all_active_pixels``: the window in which every actor had started and none had finished, and the
+    output pixels computed in it (batches pro-rated)."""
 
     @property
     def megapixels_per_s(self) -> float:
@@ -62,6 +74,42 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"megapixels_per_s": self.megapixels_per_s}
+
+
+def compute_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the per-batch results of :meth:`pipeline.work.Predictor.run` (compute start/end, wall clock)."""
+    spans = [r for r in results if "compute_start" in r]
+    if not spans:
+        return {}
+    by_actor: dict[Any, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in spans:
+        by_actor[(r.get("host"), r.get("pid"))].append(r)
+    # The window in which every actor was computing (after the last one started, before the first one
+    # ran out of work): throughput there is free of staggered actor start-up and of the tail.
+    lo = max(min(r["compute_start"] for r in rs) for rs in by_actor.values())
+    hi = min(max(r["compute_end"] for r in rs) for rs in by_actor.values())
+    window_pixels = 0.0
+    for r in spans:
+        dur = r["compute_end"] - r["compute_start"]
+        overlap = max(0.0, min(hi, r["compute_end"]) - max(lo, r["compute_start"]))
+        window_pixels += r.get("pixels", 0) * (overlap / dur if dur > 0 else 0.0)
+    fractions = []
+    for rs in by_actor.values():
+        span = max(r["compute_end"] for r in rs) - min(r["compute_start"] for r in rs)
+        fractions.append(sum(r["infer_s"] for r in rs) / span if span > 0 else 1.0)
+    return {
+        "batches": len(spans),
+        "actors": len(by_actor),
+        "pixels": int(sum(r.get("pixels", 0) for r in spans)),
+        "busy_s": float(sum(r["infer_s"] for r in spans)),
+        "cpu_s": float(sum(r.get("infer_cpu_s", 0.0) for r in spans)),
+        "first_start": min(r["compute_start"] for r in spans),
+        "last_end": max(r["compute_end"] for r in spans),
+        "span_s": max(r["compute_end"] for r in spans) - min(r["compute_start"] for r in spans),
+        "busy_fraction": sum(fractions) / len(fractions),
+        "all_active_s": max(0.0, hi - lo),
+        "all_active_pixels": window_pixels,
+    }
 
 
 def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
@@ -247,6 +295,30 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     nodes: set[str] = set()
     peaks = {"prepare": 0, "actor": 0}
     capacity = len(actors) * spec.ray.max_batches_per_actor
+    all_results: list[dict[str, Any]] = []
+    # Completion markers are storage writes: a few threads do them so the driver loop never waits on
+    # storage before dispatching the next batch. A row is final once its marker is written.
+    finisher = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, FINISH_THREADS), thread_name_prefix="finish")
+    finishing: list[tuple[concurrent.futures.Future[None], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
+
+    def settle(block: bool) -> None:
+        nonlocal megapixels
+        for item in list(finishing):
+            fut, row, meta, results = item
+            if not block and not fut.done():
+                continue
+            finishing.remove(item)
+            try:
+                fut.result()
+                row.status = "ok"
+                row.infer_s = float(sum(r["infer_s"] for r in results))
+                megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
+                nodes.update(r["node"] for r in results)
+            except Exception as exc:  # storage failure at the marker: the cube is not complete
+                row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
+            rows[meta.ref.key] = row
+            if progress:
+                progress("done", 1)
 
     def start_image(item: Any) -> None:
         kind, value = item
@@ -256,7 +328,6 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         slots[gen] = slot
 
     def close(slot: _Slot) -> None:
-        nonlocal megapixels
         meta = slot.meta
         if meta is None:
             return
@@ -271,14 +342,18 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         elif slot.failed:
             row.status, row.error_type, row.error = "failed", "InferenceError", slot.failed
         else:
-            try:
-                finish_image(ctx, meta, slot.results)
-                row.status = "ok"
-                row.infer_s = float(sum(r["infer_s"] for r in slot.results))
-                megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
-                nodes.update(r["node"] for r in slot.results)
-            except Exception as exc:  # storage failure at the marker: the cube is not complete
-                row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
+            fut: concurrent.futures.Future[None]
+            if FINISH_THREADS > 0:
+                fut = finisher.submit(finish_image, ctx, meta, slot.results)
+            else:
+                fut = concurrent.futures.Future()
+                try:
+                    finish_image(ctx, meta, slot.results)
+                    fut.set_result(None)
+                except Exception as exc:
+                    fut.set_exception(exc)
+            finishing.append((fut, row, meta, slot.results))
+            return
         rows[meta.ref.key] = row
         if progress:
             progress("done", 1)
@@ -295,6 +370,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         return None
 
     while work or slots or targz_gens or batches or inflight:
+        settle(block=False)
         # 1. Start images while there is room.
         while len(slots) < spec.ray.max_images_in_flight:
             item = next_work()
@@ -335,7 +411,9 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 load[i] -= 1
                 slot.outstanding -= 1
                 try:
-                    slot.results.append(ray.get(obj))
+                    result = ray.get(obj)
+                    slot.results.append(result)
+                    all_results.append(result)
                 except Exception as exc:  # actor gone after its restarts, or an error in the model
                     slot.failed = slot.failed or storage.describe_error(exc)
                 if slot.exhausted and slot.outstanding == 0:
@@ -394,7 +472,9 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             slot.next_tile += 1
             flush(slot, final=False)
 
-    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes), peak_rss={"driver": peak_rss(), **peaks})
+    settle(block=True)
+    finisher.shutdown()
+    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes), peak_rss={"driver": peak_rss(), **peaks}, compute=compute_stats(all_results))
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)

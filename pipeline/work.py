@@ -214,12 +214,13 @@ class Predictor:
         Returns only after this batch's writes finished.
         """
         with self._compute:
-            t0 = time.perf_counter()
+            start = time.time()  # wall clock, comparable across the processes of one host
+            t0, c0 = time.perf_counter(), time.thread_time()
             outputs = self._compute_batch(scale, tiles, windows)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
         cubes.write_regions(self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)])
         t2 = time.perf_counter()
-        return {"infer_s": t1 - t0, "write_s": t2 - t1, "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid(), "peak_rss": peak_rss()}
+        return {"infer_s": t1 - t0, "write_s": t2 - t1, "infer_cpu_s": c1 - c0, "compute_start": start, "compute_end": start + (t1 - t0), "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid(), "peak_rss": peak_rss()}
 
     def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
         """Each tile's core of the model output, bands × core_h × core_w float32."""
