@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import tomllib
 
 from pipeline.errors import ConfigError
+from pipeline.storage import check_storage_section
 
 __all__ = [
     "WeightsSpec",
@@ -40,8 +41,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-_SECRET_FIELDS = {"key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id", "sas_token", "account_key"}
 
 
 def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
@@ -178,8 +177,7 @@ class JobSpec:
         _check(len(self.inputs) > 0, "job", "inputs", list(self.inputs), "at least one input URL is needed")
         _check(bool(self.output), "job", "output", self.output, "an output URL/prefix is needed")
         _check(self.tiling.tile_core % 4 == 0 and self.tiling.tile_core % self.output_options.chunk == 0, "tiling", "tile_core", self.tiling.tile_core, f"must be a multiple of output_options.chunk ({self.output_options.chunk}) so no two tiles share a chunk")
-        literal = sorted(k for k in self.storage if k.lower() in _SECRET_FIELDS)
-        _check(not literal, "storage", ",".join(literal), "<redacted>", "secrets may not be written in a spec; name an environment variable with key_env / secret_env / token_env")
+        check_storage_section(self.storage)
         object.__setattr__(self, "storage", dict(self.storage))
 
     # --- round trip -------------------------------------------------------------------------------

@@ -238,6 +238,19 @@ def _env_value(field: str, var: object, environ: Mapping[str, str]) -> str:
     return value
 
 
+def check_storage_section(ref: Mapping[str, Any]) -> None:
+    """Refuse a spec's storage section that holds a literal secret (never echoing it) or an unknown field."""
+    literal = sorted(k for k in ref if _is_secret_key(k))
+    if literal:
+        raise ConfigError(
+            f"storage section holds literal secret field(s) {literal}; secrets go in the environment and the "
+            f"spec names the variable: use key_env / secret_env / token_env instead"
+        )
+    unknown = sorted(set(ref) - _REF_FIELDS)
+    if unknown:
+        raise ConfigError(f"storage section has unknown field(s) {unknown}; allowed: {sorted(_REF_FIELDS)}")
+
+
 def resolve_storage_options(ref: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Turn a job spec's storage section into fsspec/s3fs options, reading secrets from the environment.
 
@@ -259,15 +272,7 @@ def resolve_storage_options(ref: Mapping[str, Any] | None, environ: Mapping[str,
     """
     ref = dict(ref or {})
     env = os.environ if environ is None else environ
-    literal = sorted(k for k in ref if _is_secret_key(k))
-    if literal:
-        raise ConfigError(
-            f"storage section holds literal secret field(s) {literal}; secrets go in the environment and the "
-            f"spec names the variable: use key_env / secret_env / token_env instead"
-        )
-    unknown = sorted(set(ref) - _REF_FIELDS)
-    if unknown:
-        raise ConfigError(f"storage section has unknown field(s) {unknown}; allowed: {sorted(_REF_FIELDS)}")
+    check_storage_section(ref)
 
     opts: dict[str, Any] = {}
     if ref.get("endpoint_url") is not None:
