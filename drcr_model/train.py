@@ -24,12 +24,13 @@ import dataclasses
 import logging
 import math
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
+import tomli_w
 import torch
 
 from drcr_model.camera import DEFAULT_BANDS, simulate_rgb
@@ -228,14 +229,7 @@ class TrainConfig:
             return cls.from_dict(tomllib.load(f))
 
     def to_toml(self) -> str:
-        d = self.to_dict()
-        top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-        tables = [
-            f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
-            for k, v in d.items()
-            if isinstance(v, dict)
-        ]
-        return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+        return tomli_w.dumps(self.to_dict())
 
 
 def _reject_unknown(cls: type, d: Mapping[str, Any], prefix: str) -> None:
@@ -250,18 +244,6 @@ def _build(cls: type, d: Mapping[str, Any], section: str) -> Any:
         raise ValueError(f"[{section}] must be a table, got {d!r}")
     _reject_unknown(cls, d, f"{section}.")
     return cls(**d)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 # --- pieces of the recipe ------------------------------------------------------------------------

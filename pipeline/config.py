@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-import tomllib
+import tomli_w
 
 from pipeline.errors import ConfigError
 from pipeline.storage import check_storage_section
@@ -187,7 +188,7 @@ class JobSpec:
         return d
 
     def to_toml(self) -> str:
-        return _dump_toml(self.to_dict())
+        return tomli_w.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
@@ -284,24 +285,3 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             value = raw
         out[key.strip()] = value
     return out
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _dump_toml(d: Mapping[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, Mapping)]
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            lines.append(f"\n[{k}]")
-            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if not isinstance(vv, Mapping))
-    return "\n".join(lines) + "\n"
