@@ -1,7 +1,7 @@
 """DRCR Net for RGB → 31-band spectral reconstruction: model, checkpoints, inference, metrics, training."""
 
-from drcr_model.checkpoint import CheckpointError, load_model
 from drcr_model.camera import ntire2022_camera_response, simulate_rgb
+from drcr_model.checkpoint import CheckpointError, load_model
 from drcr_model.inference import preprocess, reconstruct, select_device
 from drcr_model.net import DRCRNet
 from drcr_model.weights import BANDS_NM, Weights, authors_ntire2022, default_weights

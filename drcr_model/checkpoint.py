@@ -23,7 +23,15 @@ import torch
 
 from drcr_model.net import DRCRNet
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "infer_config", "load_state_dict", "load_model", "sha256_of"]
+__all__ = [
+    "CheckpointError",
+    "read_checkpoint",
+    "extract_state_dict",
+    "infer_config",
+    "load_state_dict",
+    "load_model",
+    "sha256_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,9 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_checkpoint(source: str, *, sha256: str | None = None, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+def read_checkpoint(
+    source: str, *, sha256: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
     """Read a checkpoint file (path or fsspec URL) → ``(object, sha256 of the file)``.
 
     The hash is checked before unpickling; loading is ``weights_only=True`` always.
@@ -56,11 +66,15 @@ def read_checkpoint(source: str, *, sha256: str | None = None, storage_options: 
         raise CheckpointError(f"cannot read checkpoint {source!r}: {type(exc).__name__}: {exc}") from exc
     digest = sha256_of(data)
     if sha256 is not None and digest != sha256.lower():
-        raise CheckpointError(f"checkpoint {source!r} has sha256 {digest}, expected {sha256.lower()}; refusing to load it")
+        raise CheckpointError(
+            f"checkpoint {source!r} has sha256 {digest}, expected {sha256.lower()}; refusing to load it"
+        )
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or non-weights-only files
-        raise CheckpointError(f"checkpoint {source!r} is not a loadable weights-only torch file: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {source!r} is not a loadable weights-only torch file: {type(exc).__name__}: {exc}"
+        ) from exc
     return obj, digest
 
 
@@ -96,7 +110,12 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], *, source: str = "<chec
     n = len(tensors)
     for fixed in (26, 22):
         if n > fixed and (n - fixed) % 18 == 0:
-            return {"in_channels": int(first.shape[1]), "out_channels": int(last.shape[0]), "channels": int(first.shape[0]), "n_blocks": (n - fixed) // 18}
+            return {
+                "in_channels": int(first.shape[1]),
+                "out_channels": int(last.shape[0]),
+                "channels": int(first.shape[0]),
+                "n_blocks": (n - fixed) // 18,
+            }
     raise CheckpointError(f"{source}: {n} tensors do not fit DRCR Net (26 + 18·N or 22 + 18·N expected)")
 
 
@@ -120,7 +139,9 @@ def load_state_dict(model: DRCRNet, state_dict: Mapping[str, torch.Tensor], *, s
         bad = [k for k in expected if tuple(expected[k].shape) != tuple(sd[k].shape)]
         if bad:
             k = bad[0]
-            raise CheckpointError(f"{source}: shape mismatch at {k}: model {list(expected[k].shape)}, checkpoint {list(sd[k].shape)}")
+            raise CheckpointError(
+                f"{source}: shape mismatch at {k}: model {list(expected[k].shape)}, checkpoint {list(sd[k].shape)}"
+            )
         model.load_state_dict(sd, strict=True)
         return "names"
     missing = [k for k in expected if k not in sd]
@@ -129,7 +150,9 @@ def load_state_dict(model: DRCRNet, state_dict: Mapping[str, torch.Tensor], *, s
         bad = [k for k in sd if tuple(expected[k].shape) != tuple(sd[k].shape)]
         if bad:
             k = bad[0]
-            raise CheckpointError(f"{source}: shape mismatch at {k}: model {list(expected[k].shape)}, checkpoint {list(sd[k].shape)}")
+            raise CheckpointError(
+                f"{source}: shape mismatch at {k}: model {list(expected[k].shape)}, checkpoint {list(sd[k].shape)}"
+            )
         merged = OrderedDict((k, sd.get(k, expected[k])) for k in expected)
         model.load_state_dict(merged, strict=True)
         return "names-202"

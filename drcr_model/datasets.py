@@ -203,7 +203,11 @@ class PatchDataset(torch.utils.data.Dataset):
             raise ValueError("PatchDataset: no pairs given")
         self.rgb = [preprocess(p.rgb) for p in pairs]  # divided by the whole image's max (spec §5)
         self.cube = [np.asarray(p.cube, dtype=np.float32) for p in pairs]
-        self.index = [(k, r, c) for k, p in enumerate(pairs) for r, c in patch_grid(p.cube.shape[0], p.cube.shape[1], patch, stride)]
+        self.index = [
+            (k, r, c)
+            for k, p in enumerate(pairs)
+            for r, c in patch_grid(p.cube.shape[0], p.cube.shape[1], patch, stride)
+        ]
         self.patch, self.augment, self.seed, self.epoch = patch, augment or Augment(), seed, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 
 from drcr_model.baseline import RootPolynomial, fit_root_polynomial

@@ -54,7 +54,9 @@ def _check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"precision={precision!r} is a GPU path; on {device.type} use 'fp32' (half precision convs are ~400x slower on AVX2 CPUs)")
+        raise ValueError(
+            f"precision={precision!r} is a GPU path; on {device.type} use 'fp32' (half precision convs are ~400x slower on AVX2 CPUs)"
+        )
 
 
 def forward(

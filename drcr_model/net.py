@@ -184,8 +184,15 @@ class DRCRNet(nn.Module):
             if int(value) < 1:
                 raise ValueError(f"DRCRNet: {name} must be >= 1, got {value!r}")
         if channels < CRM_REDUCTION:
-            raise ValueError(f"DRCRNet: channels must be >= {CRM_REDUCTION} (CRM width is channels // 8), got {channels!r}")
-        self.config = {"in_channels": in_channels, "out_channels": out_channels, "channels": channels, "n_blocks": n_blocks}
+            raise ValueError(
+                f"DRCRNet: channels must be >= {CRM_REDUCTION} (CRM width is channels // 8), got {channels!r}"
+            )
+        self.config = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "channels": channels,
+            "n_blocks": n_blocks,
+        }
         self.input_conv2D = ReflectConv(in_channels, channels)
         self.input_prelu2D = nn.PReLU()
         self.head_conv2D = ReflectConv(channels, channels)

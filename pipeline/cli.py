@@ -19,14 +19,24 @@ log = logging.getLogger("pipeline.cli")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="drcr-pipeline", description="RGB archives → 31-band hyperspectral zarr cubes with DRCR Net, on Ray.")
+    p = argparse.ArgumentParser(
+        prog="drcr-pipeline", description="RGB archives → 31-band hyperspectral zarr cubes with DRCR Net, on Ray."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job spec (or --input/--output) locally or on a Ray cluster")
     run.add_argument("--spec", help="TOML job spec (see jobs/)")
-    run.add_argument("--input", action="append", default=[], help="input URL or glob (repeatable); replaces the spec's inputs")
+    run.add_argument(
+        "--input", action="append", default=[], help="input URL or glob (repeatable); replaces the spec's inputs"
+    )
     run.add_argument("--output", help="output prefix URL; replaces the spec's output")
     run.add_argument("--weights", help="checkpoint path or URL (default: the package's default weights)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. --set ray.actors=2 --set tiling.halo=16")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set ray.actors=2 --set tiling.halo=16",
+    )
     run.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "run":
             return _run(args)

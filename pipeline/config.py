@@ -57,7 +57,13 @@ class WeightsSpec:
     sha256: str = ""
 
     def __post_init__(self) -> None:
-        _check(self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in self.sha256)), "weights", "sha256", self.sha256, "must be 64 hex digits or empty")
+        _check(
+            self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in self.sha256)),
+            "weights",
+            "sha256",
+            self.sha256,
+            "must be 64 hex digits or empty",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,9 +87,21 @@ class InferenceSpec:
 
     def __post_init__(self) -> None:
         _check(self.mode in ("pad", "authors"), "inference", "mode", self.mode, "must be 'pad' or 'authors'")
-        _check(self.precision in ("fp32", "bf16", "fp16"), "inference", "precision", self.precision, "must be fp32, bf16 or fp16")
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            "inference",
+            "precision",
+            self.precision,
+            "must be fp32, bf16 or fp16",
+        )
         _check(self.device in ("auto", "cpu", "cuda"), "inference", "device", self.device, "must be auto, cpu or cuda")
-        _check(self.stand_in_latency_s >= 0, "inference", "stand_in_latency_s", self.stand_in_latency_s, "must be >= 0 (0: the real model)")
+        _check(
+            self.stand_in_latency_s >= 0,
+            "inference",
+            "stand_in_latency_s",
+            self.stand_in_latency_s,
+            "must be >= 0 (0: the real model)",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,8 +119,20 @@ class TilingSpec:
 
     def __post_init__(self) -> None:
         _check(self.max_tile_pixels >= 16, "tiling", "max_tile_pixels", self.max_tile_pixels, "must be >= 16")
-        _check(self.tile_core >= 4 and self.tile_core % 4 == 0, "tiling", "tile_core", self.tile_core, "must be a positive multiple of 4")
-        _check(self.halo >= 0 and self.halo % 2 == 0, "tiling", "halo", self.halo, "must be an even number >= 0 (tile = core + 2·halo, a multiple of 4)")
+        _check(
+            self.tile_core >= 4 and self.tile_core % 4 == 0,
+            "tiling",
+            "tile_core",
+            self.tile_core,
+            "must be a positive multiple of 4",
+        )
+        _check(
+            self.halo >= 0 and self.halo % 2 == 0,
+            "tiling",
+            "halo",
+            self.halo,
+            "must be an even number >= 0 (tile = core + 2·halo, a multiple of 4)",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,9 +147,23 @@ class OutputSpec:
     level: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("float16", "float32"), "output_options", "dtype", self.dtype, "must be float16 or float32")
-        _check(self.chunk >= 4 and self.chunk % 4 == 0, "output_options", "chunk", self.chunk, "must be a positive multiple of 4")
-        _check(self.compressor in ("zstd", "blosc-zstd", "blosc-lz4", "gzip", "none"), "output_options", "compressor", self.compressor, "must be zstd, blosc-zstd, blosc-lz4, gzip or none")
+        _check(
+            self.dtype in ("float16", "float32"), "output_options", "dtype", self.dtype, "must be float16 or float32"
+        )
+        _check(
+            self.chunk >= 4 and self.chunk % 4 == 0,
+            "output_options",
+            "chunk",
+            self.chunk,
+            "must be a positive multiple of 4",
+        )
+        _check(
+            self.compressor in ("zstd", "blosc-zstd", "blosc-lz4", "gzip", "none"),
+            "output_options",
+            "compressor",
+            self.compressor,
+            "must be zstd, blosc-zstd, blosc-lz4, gzip or none",
+        )
         _check(0 <= self.level <= 22, "output_options", "level", self.level, "must be in 0..22")
 
 
@@ -151,11 +195,19 @@ class RaySpec:
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, "ray", "actors", self.actors, "must be >= 1")
-        _check(self.num_gpus_per_actor == -1 or self.num_gpus_per_actor >= 0, "ray", "num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0 or -1 (auto)")
+        _check(
+            self.num_gpus_per_actor == -1 or self.num_gpus_per_actor >= 0,
+            "ray",
+            "num_gpus_per_actor",
+            self.num_gpus_per_actor,
+            "must be >= 0 or -1 (auto)",
+        )
         _check(self.num_cpus_per_actor > 0, "ray", "num_cpus_per_actor", self.num_cpus_per_actor, "must be > 0")
         _check(self.batch_size >= 1, "ray", "batch_size", self.batch_size, "must be >= 1")
         _check(self.max_images_in_flight >= 1, "ray", "max_images_in_flight", self.max_images_in_flight, "must be >= 1")
-        _check(self.max_batches_per_actor >= 1, "ray", "max_batches_per_actor", self.max_batches_per_actor, "must be >= 1")
+        _check(
+            self.max_batches_per_actor >= 1, "ray", "max_batches_per_actor", self.max_batches_per_actor, "must be >= 1"
+        )
         _check(self.decode_num_cpus > 0, "ray", "decode_num_cpus", self.decode_num_cpus, "must be > 0")
 
 
@@ -177,7 +229,13 @@ class JobSpec:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         _check(len(self.inputs) > 0, "job", "inputs", list(self.inputs), "at least one input URL is needed")
         _check(bool(self.output), "job", "output", self.output, "an output URL/prefix is needed")
-        _check(self.tiling.tile_core % 4 == 0 and self.tiling.tile_core % self.output_options.chunk == 0, "tiling", "tile_core", self.tiling.tile_core, f"must be a multiple of output_options.chunk ({self.output_options.chunk}) so no two tiles share a chunk")
+        _check(
+            self.tiling.tile_core % 4 == 0 and self.tiling.tile_core % self.output_options.chunk == 0,
+            "tiling",
+            "tile_core",
+            self.tiling.tile_core,
+            f"must be a multiple of output_options.chunk ({self.output_options.chunk}) so no two tiles share a chunk",
+        )
         check_storage_section(self.storage)
         object.__setattr__(self, "storage", dict(self.storage))
 
@@ -192,7 +250,13 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
-        sections = {"weights": WeightsSpec, "inference": InferenceSpec, "tiling": TilingSpec, "output_options": OutputSpec, "ray": RaySpec}
+        sections = {
+            "weights": WeightsSpec,
+            "inference": InferenceSpec,
+            "tiling": TilingSpec,
+            "output_options": OutputSpec,
+            "ray": RaySpec,
+        }
         top = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - top
         if unknown:

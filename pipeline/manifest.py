@@ -77,7 +77,9 @@ def _table(rows: Sequence[ManifestRow]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def write_manifest(output: str, rows: Sequence[ManifestRow], run_id: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def write_manifest(
+    output: str, rows: Sequence[ManifestRow], run_id: str, storage_options: Mapping[str, Any] | None = None
+) -> str:
     """Write the run's manifest (sorted by input) and its history copy; returns the manifest URL."""
     fs, path = open_fs(output, storage_options)
     buf = io.BytesIO()
