@@ -107,8 +107,12 @@ def create_cube(
 
     ``complete`` is false until :func:`mark_complete`. Chunks are ``(bands, chunk, chunk)``: a pixel's
     whole spectrum is in one chunk.
+
+    The provenance record (``ATTR``, with the run id) is written last, so a group that has it was created
+    whole: a prepare task killed part-way through (its node died) leaves a group without it, and the retry
+    of the same run recreates the group instead of keeping it with a missing array or wavelength chunk.
     """
-    group = zarr.create_group(store, path=path, overwrite=True, attributes={ATTR: dict(provenance), "complete": False})
+    group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": False})
     chunk = (len(bands_nm), min(spec.chunk, height), min(spec.chunk, width))
     cube = group.create_array(
         "cube",
@@ -121,8 +125,16 @@ def create_cube(
         attributes={"long_name": "spectral reconstruction", "units": "1 (relative radiance, model output)"},
     )
     del cube
-    wl = group.create_array("wavelength", shape=(len(bands_nm),), dtype="float32", compressors=None, dimension_names=("wavelength",), attributes={"units": "nm", "long_name": "band centre wavelength"})
+    wl = group.create_array(
+        "wavelength",
+        shape=(len(bands_nm),),
+        dtype="float32",
+        compressors=None,
+        dimension_names=("wavelength",),
+        attributes={"units": "nm", "long_name": "band centre wavelength"},
+    )
     wl[:] = np.asarray(bands_nm, dtype=np.float32)
+    group.attrs.put({ATTR: dict(provenance), "complete": False})
 
 
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:
@@ -159,6 +171,12 @@ def read_status(store: Store, path: str) -> dict[str, Any] | None:
     """The group's attributes (``complete``, provenance), or ``None`` when there is no such group."""
     try:
         group = zarr.open_group(store, path=path, mode="r")
-    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+    except (
+        FileNotFoundError,
+        KeyError,
+        ValueError,
+        zarr.errors.GroupNotFoundError,
+        zarr.errors.NodeTypeValidationError,
+    ):
         return None
     return dict(group.attrs)

@@ -107,3 +107,56 @@ def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> N
     other = JobContext(spec=spec, weights=ctx.weights, fingerprint="f", run_id="run-2")
     list(prepare_image(other, ref))  # a new run redoes an incomplete group from scratch
     assert np.isnan(zarr.open_array(store, path=f"{meta.group}/cube")[:]).all()
+
+
+@pytest.mark.parametrize("killed_at", ["cube", "wavelength", "wavelength values"])
+def test_prepare_killed_inside_create_cube_is_redone_whole(tmp_path, monkeypatch, killed_at) -> None:  # type: ignore[no-untyped-def]
+    """A prepare task killed while creating its group (its node died) is retried by Ray in the same run.
+    The retry must recreate the group, not keep it half made: the provenance record that marks a group as
+    this run's is written last. (Before, a retry kept a group without ``wavelength`` values, which was then
+    filled and marked complete: the fault test's rare "cube differs in ['wavelength/c/0']".)"""
+    import io
+
+    import zarr
+    from PIL import Image
+
+    from drcr_model.weights import untrained_demo_weights
+    from pipeline.config import JobSpec
+    from pipeline.sources import ImageRef
+    from pipeline.work import JobContext, prepare_image
+
+    class Killed(BaseException):
+        pass
+
+    img = tmp_path / "a.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(buf, format="PNG")
+    img.write_bytes(buf.getvalue())
+    spec = JobSpec(inputs=[str(img)], output=str(tmp_path / "out"))
+    ctx = JobContext(spec=spec, weights=untrained_demo_weights(tmp_path / "w").to_record(), fingerprint="f", run_id="run-1")
+    ref = ImageRef(source=str(img), member=None, kind="file")
+
+    create_array, setitem = zarr.Group.create_array, zarr.Array.__setitem__
+
+    def dying_create_array(self, name, *a, **k):  # type: ignore[no-untyped-def]
+        if name == killed_at:
+            raise Killed
+        return create_array(self, name, *a, **k)
+
+    def dying_setitem(self, key, value):  # type: ignore[no-untyped-def]
+        if killed_at == "wavelength values" and self.path.endswith("wavelength"):
+            raise Killed
+        return setitem(self, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Group, "create_array", dying_create_array)
+        m.setattr(zarr.Array, "__setitem__", dying_setitem)
+        with pytest.raises(Killed):
+            list(prepare_image(ctx, ref))
+    meta = next(prepare_image(ctx, ref))  # Ray's retry, same run
+    assert meta.status == "run"
+    store = cubes.open_cubes(spec.output)
+    group = zarr.open_group(store, path=meta.group, mode="r")
+    np.testing.assert_array_equal(group["wavelength"][:], np.asarray(ctx.bands_nm, np.float32))
+    assert group["cube"].shape == (31, 8, 8)
+    assert group.attrs[cubes.ATTR]["job"]["run_id"] == "run-1" and group.attrs["complete"] is False
