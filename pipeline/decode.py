@@ -37,12 +37,17 @@ camera's RGB; a composited background colour would be invented data. Tiny images
 padding to the model's tile size happens later. Pillow warnings raised while decoding (e.g. corrupt EXIF) are
 kept as notes, except the decompression-bomb warning, which is an error.
 
+Memory: the decoded pixels stay in the decoder's buffer, as stored; the table's conversions and the orientation
+are applied per crop (:meth:`DecodedImage.crop`), so cutting tile windows never needs a whole-image array
+(an 8-bit RGB image costs Pillow's 4 bytes/pixel, not 4 + 3).
+
 Thread safety: the warning capture uses :func:`warnings.catch_warnings`, which is process-global before Python
 3.14; decode in processes (Ray tasks/actors), not in threads of one process, if warnings must be attributed.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -50,7 +55,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.errors import DecodeError
 
@@ -58,6 +63,8 @@ __all__ = ["DEFAULT_MAX_PIXELS", "DecodedImage", "decode_image"]
 
 # Pillow's own default (Image.MAX_IMAGE_PIXELS, ~ 1024 * 1024 * 1024 // 4 // 3); used if someone set it to None.
 DEFAULT_MAX_PIXELS = 89_478_485
+STRIP_PIXELS = 1 << 20
+"""Pixels converted at once by :meth:`DecodedImage.max` (transient memory ≈ 2 × 3 bytes × this)."""
 
 _GREY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _RGB16_RAWMODES = {"RGB;16B": ("RGB;16B", "RGB;16L"), "RGBA;16B": ("RGBA;16B", "RGBA;16L")}
@@ -76,25 +83,74 @@ _DECODE_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodedImage:
-    """A decoded image.
+    """A decoded image, held compactly; RGB pixels come out a crop at a time.
+
+    The pixels stay in the decoder's own buffer (a loaded Pillow image in its source mode, or the H×W×3 uint16
+    array of a 16-bit RGB PNG), as stored in the file: the policy (mode conversion, channel replication, EXIF
+    orientation) is applied per crop. Every conversion in the policy is per pixel, so a crop equals the same
+    slice of the whole converted image. An 8-bit RGB image costs Pillow's 4 bytes/pixel, a grey one 1; the
+    whole-image array (:attr:`array`, 3 bytes/pixel more) is made only when asked for.
 
     Args:
-        array: H×W×3, ``np.uint8`` (0..255) or ``np.uint16`` (0..65535), RGB, C-contiguous, EXIF orientation applied.
+        pixels: the stored pixels (before orientation): a loaded Pillow image, or an H×W×3 ``np.uint16`` array.
         mode: Pillow's mode of the source image before any conversion (e.g. ``"P"``, ``"I;16"``, ``"CMYK"``).
-        bit_depth: 8 or 16, matching ``array.dtype``.
+        bit_depth: 8 or 16: crops are ``np.uint8`` (0..255) or ``np.uint16`` (0..65535).
         width: W in pixels, after orientation.
         height: H in pixels, after orientation.
         notes: what the policy did, one short sentence each (empty for a plain RGB image).
+        orientation: the EXIF orientation (1..8) applied to every crop.
     """
 
-    array: np.ndarray
+    pixels: Image.Image | np.ndarray = field(repr=False)
     mode: str
     bit_depth: int
     width: int
     height: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    orientation: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, 3)``, as the array would have."""
+        return (self.height, self.width, 3)
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows ``y0 .. y1-1`` and columns ``x0 .. x1-1`` of the RGB image (after orientation), as a new
+        C-contiguous h×w×3 array (``np.uint8`` or ``np.uint16``). The box must lie inside the image."""
+        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
+            raise ValueError(
+                f"crop rows {y0}..{y1} × columns {x0}..{x1} is not inside the {self.height}×{self.width} image"
+            )
+        sy0, sy1, sx0, sx1 = _stored_box(self.orientation, self.pixels_size, y0, y1, x0, x1)
+        if isinstance(self.pixels, np.ndarray):
+            rgb = self.pixels[sy0:sy1, sx0:sx1]
+        else:
+            rgb = _rgb(self.pixels.crop((sx0, sy0, sx1, sy1)))
+        return np.ascontiguousarray(_orient(rgb, self.orientation))
+
+    @property
+    def pixels_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the stored pixels (before orientation)."""
+        if isinstance(self.pixels, np.ndarray):
+            return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+        return self.pixels.height, self.pixels.width
+
+    def max(self) -> int:
+        """The largest sample over all pixels and channels, converted in strips of ``STRIP_PIXELS`` (never
+        the whole image at once)."""
+        if isinstance(self.pixels, np.ndarray):
+            return int(self.pixels.max())
+        h, w = self.pixels_size
+        rows = max(1, STRIP_PIXELS // w)
+        return max(int(_rgb(self.pixels.crop((0, y, w, min(h, y + rows)))).max()) for y in range(0, h, rows))
+
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        """The whole image, H×W×3, C-contiguous, ``np.uint8`` or ``np.uint16``; made (and kept) on first use.
+        The pipeline never asks for it: it cuts tile windows with :meth:`crop`."""
+        return self.crop(0, self.height, 0, self.width)
 
 
 def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> DecodedImage:
@@ -118,10 +174,13 @@ def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> De
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        im: Image.Image | None = None
+        pixels: Image.Image | np.ndarray | None = None
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                _check_bomb(im, caught, name, limit, max_pixels)
-                array, bit_depth, mode = _decode_opened(im, data, name, notes)
+            # Not ``with``: closing a Pillow image frees its pixels, and the loaded image is what is kept.
+            im = Image.open(io.BytesIO(data))
+            _check_bomb(im, caught, name, limit, max_pixels)
+            pixels, bit_depth, mode, orientation = _decode_opened(im, data, name, notes)
         except DecodeError:
             raise
         except UnidentifiedImageError as e:
@@ -130,17 +189,26 @@ def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> De
             raise DecodeError(f"{name}: cannot decode image: decompression bomb ({e})") from e
         except _DECODE_ERRORS as e:
             raise DecodeError(f"{name}: cannot decode image: {e or type(e).__name__}") from e
+        finally:
+            if im is not None and pixels is not im:
+                im.close()
     for w in caught:
         if not issubclass(w.category, Image.DecompressionBombWarning):
             notes.append(f"Pillow warning: {w.message}")
-    height, width = array.shape[:2]
+    if isinstance(pixels, np.ndarray):
+        height, width = pixels.shape[:2]
+    else:
+        width, height = pixels.size
+    if orientation >= 5:
+        height, width = width, height
     return DecodedImage(
-        array=np.ascontiguousarray(array),
+        pixels=pixels,
         mode=mode,
         bit_depth=bit_depth,
         width=width,
         height=height,
         notes=tuple(notes),
+        orientation=orientation,
     )
 
 
@@ -161,8 +229,11 @@ def _check_bomb(
         raise DecodeError(f"{name}: cannot decode image: empty image ({width}×{height})")
 
 
-def _decode_opened(im: ImageFile.ImageFile, data: bytes, name: str, notes: list[str]) -> tuple[np.ndarray, int, str]:
-    """Apply the policy to an opened image; returns ``(H×W×3 array, bit_depth, source mode)``."""
+def _decode_opened(
+    im: ImageFile.ImageFile, data: bytes, name: str, notes: list[str]
+) -> tuple[Image.Image | np.ndarray, int, str, int]:
+    """Load an opened image and check it against the policy; returns ``(stored pixels, bit_depth, source mode,
+    EXIF orientation)``. Conversions happen per crop (:func:`_rgb`)."""
     mode = im.mode
     if getattr(im, "is_animated", False):
         notes.append(f"multi-frame image ({getattr(im, 'n_frames', '?')} frames): first frame only")
@@ -172,44 +243,56 @@ def _decode_opened(im: ImageFile.ImageFile, data: bytes, name: str, notes: list[
         array = _load_rgb16(data, im.tile[0], rgb16)
         if mode == "RGBA":
             notes.append("alpha dropped")
-        orientation = _orientation(im, notes)
-        if orientation != 1:
-            notes.append(f"EXIF orientation {orientation} applied")
-        return _orient(array, orientation), 16, mode
+        return array, 16, mode, _noted_orientation(im, notes)
     im.load()
-    img = _exif_transpose(im, notes)
-    if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8), 8, mode
-    if mode in ("RGBA", "RGBX"):
-        notes.append("alpha dropped" if mode == "RGBA" else "padding channel dropped")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8), 8, mode
-    if mode in ("L", "LA", "1"):
-        if mode == "LA":
+    orientation = _noted_orientation(im, notes)
+    loaded = im.mode
+    if loaded == "RGB":
+        return im, 8, mode, orientation
+    if loaded in ("RGBA", "RGBX"):
+        notes.append("alpha dropped" if loaded == "RGBA" else "padding channel dropped")
+        return im, 8, mode, orientation
+    if loaded in ("L", "LA", "1"):
+        if loaded == "LA":
             notes.append("alpha dropped")
-        if mode == "1":
+        if loaded == "1":
             notes.append("bilevel converted to L (0/255)")
-        grey = np.asarray(img.convert("L") if mode != "L" else img, dtype=np.uint8)
-        return _replicate(grey), 8, mode
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in im.info
-        # Via RGBA, not RGB: Pillow warns when a palette image with byte transparency goes straight to RGB.
-        rgb = np.asarray(img.convert("RGBA"), dtype=np.uint8)[..., :3]
+        return im, 8, mode, orientation
+    if loaded in ("P", "PA"):
+        has_alpha = loaded == "PA" or "transparency" in im.info
         notes.append("palette converted to RGB" + ("; transparency dropped" if has_alpha else ""))
-        return rgb, 8, mode
-    if mode in ("CMYK", "YCbCr"):
-        notes.append(f"{mode} converted to RGB by Pillow")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8), 8, mode
-    if mode in _GREY16_MODES:
-        return _replicate(np.asarray(img).astype(np.uint16)), 16, mode
-    if mode == "I":
-        values = np.asarray(img)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise DecodeError(
-                f"{name}: cannot decode image: mode I values {values.min()}..{values.max()} are outside 0..65535"
-            )
+        return im, 8, mode, orientation
+    if loaded in ("CMYK", "YCbCr"):
+        notes.append(f"{loaded} converted to RGB by Pillow")
+        return im, 8, mode, orientation
+    if loaded in _GREY16_MODES:
+        return im, 16, mode, orientation
+    if loaded == "I":
+        lo, hi = im.getextrema()
+        if lo < 0 or hi > 65535:  # type: ignore[operator]
+            raise DecodeError(f"{name}: cannot decode image: mode I values {lo}..{hi} are outside 0..65535")
         notes.append("32-bit integer image stored as 16-bit")
-        return _replicate(values.astype(np.uint16)), 16, mode
-    raise DecodeError(f"{name}: cannot decode image: unsupported mode {mode!r}")
+        return im, 16, mode, orientation
+    raise DecodeError(f"{name}: cannot decode image: unsupported mode {loaded!r}")
+
+
+def _rgb(part: Image.Image) -> np.ndarray:
+    """A loaded Pillow image (a crop) → h×w×3 ``np.uint8`` / ``np.uint16`` following the policy table."""
+    m = part.mode
+    if m == "RGB":
+        return np.asarray(part, dtype=np.uint8)
+    if m in ("RGBA", "RGBX", "CMYK", "YCbCr"):
+        return np.asarray(part.convert("RGB"), dtype=np.uint8)
+    if m == "L":
+        return _replicate(np.asarray(part, dtype=np.uint8))
+    if m in ("LA", "1"):
+        return _replicate(np.asarray(part.convert("L"), dtype=np.uint8))
+    if m in ("P", "PA"):
+        # Via RGBA, not RGB: Pillow warns when a palette image with byte transparency goes straight to RGB.
+        return np.asarray(part.convert("RGBA"), dtype=np.uint8)[..., :3]
+    if m in _GREY16_MODES or m == "I":
+        return _replicate(np.asarray(part).astype(np.uint16))
+    raise ValueError(f"mode {m!r} is not in the decode policy")
 
 
 def _replicate(grey: np.ndarray) -> np.ndarray:
@@ -233,13 +316,19 @@ def _load_rgb16(data: bytes, tile: ImageFile._Tile, rawmodes: tuple[str, str]) -
     and the low bytes; both passes unpack 48/64-bit pixels, so PNG filtering is undone identically (and
     interlacing, which Pillow's decoder handles before unpacking; not covered by the tests).
     """
-    planes = []
+    out: np.ndarray | None = None
     for rawmode in rawmodes:
         with Image.open(io.BytesIO(data)) as again:
             again.tile = [tile._replace(args=rawmode)]
             again.load()
-            planes.append(np.asarray(again, dtype=np.uint8)[..., :3].astype(np.uint16))
-    return (planes[0] << 8) | planes[1]
+            byte = np.asarray(again, dtype=np.uint8)[..., :3]
+        if out is None:
+            out = byte.astype(np.uint16)
+            out <<= 8
+        else:
+            out |= byte
+    assert out is not None
+    return out
 
 
 def _orientation(im: Image.Image, notes: list[str]) -> int:
@@ -252,17 +341,34 @@ def _orientation(im: Image.Image, notes: list[str]) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _exif_transpose(im: Image.Image, notes: list[str]) -> Image.Image:
-    """``ImageOps.exif_transpose`` with a note; unreadable EXIF leaves the image as stored."""
+def _noted_orientation(im: Image.Image, notes: list[str]) -> int:
+    """:func:`_orientation`, with a note when it is not 1."""
     orientation = _orientation(im, notes)
-    if orientation == 1:
-        return im
-    notes.append(f"EXIF orientation {orientation} applied")
-    return ImageOps.exif_transpose(im)
+    if orientation != 1:
+        notes.append(f"EXIF orientation {orientation} applied")
+    return orientation
+
+
+def _stored_box(
+    orientation: int, size: tuple[int, int], y0: int, y1: int, x0: int, x1: int
+) -> tuple[int, int, int, int]:
+    """The box ``(y0, y1, x0, x1)`` of the stored pixels (``size`` = their height, width) that becomes rows
+    ``y0 .. y1-1`` × columns ``x0 .. x1-1`` of the image once :func:`_orient` is applied to it."""
+    h, w = size
+    return {
+        1: (y0, y1, x0, x1),
+        2: (y0, y1, w - x1, w - x0),
+        3: (h - y1, h - y0, w - x1, w - x0),
+        4: (h - y1, h - y0, x0, x1),
+        5: (x0, x1, y0, y1),
+        6: (h - x1, h - x0, y0, y1),
+        7: (h - x1, h - x0, w - y1, w - y0),
+        8: (x0, x1, w - y1, w - y0),
+    }[orientation]
 
 
 def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
-    """The numpy equivalent of ``ImageOps.exif_transpose`` for H×W×C arrays (used where Pillow cannot hold the data)."""
+    """The numpy equivalent of ``ImageOps.exif_transpose`` for H×W×C arrays (views where it can)."""
     if orientation == 2:
         return array[:, ::-1]
     if orientation == 3:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -123,7 +124,13 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            _node_ip_address="127.0.0.1",
+        )
 
 
 def resolve_weights(spec: JobSpec) -> dict[str, Any]:
@@ -165,6 +172,7 @@ def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes 
         ref = item
     assert ref is not None
     yield from prepare_image(ctx, ref, data if pair is not None else None)
+    yield {"peak_rss": peak_rss()}  # after every window: the task's own peak, for RunSummary.peak_rss
 
 
 @ray.remote(num_returns="streaming", max_retries=0)
@@ -223,7 +231,9 @@ class _Slot:
 
 
 def _row(ctx: JobContext, ref: ImageRef, **kw: Any) -> ManifestRow:
-    return ManifestRow(input=storage.redact(ref.key), source=storage.redact(ref.source), member=ref.member, run_id=ctx.run_id, **kw)
+    return ManifestRow(
+        input=storage.redact(ref.key), source=storage.redact(ref.source), member=ref.member, run_id=ctx.run_id, **kw
+    )
 
 
 def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None) -> RunSummary:
@@ -240,7 +250,9 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     gpus = float(ray.cluster_resources().get("GPU", 0))
     num_gpus = spec.ray.num_gpus_per_actor if spec.ray.num_gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
     if spec.inference.precision != "fp32" and num_gpus == 0:
-        raise ConfigError(f"inference.precision = {spec.inference.precision!r}: half precision needs GPU actors, and this cluster has none")
+        raise ConfigError(
+            f"inference.precision = {spec.inference.precision!r}: half precision needs GPU actors, and this cluster has none"
+        )
 
     cpus = float(ray.cluster_resources().get("CPU", 0))
     need = spec.ray.actors * spec.ray.num_cpus_per_actor + spec.ray.decode_num_cpus
@@ -253,7 +265,17 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
 
     store = cubes.open_cubes(spec.output, opts)
     root = cubes.zarr.open_group(store, mode="a")
-    root.attrs.update({"drcr_pipeline_job": storage.redact(spec.to_dict()), "drcr_pipeline_run": {"run_id": run_id, "started": now_utc(), "software": software_versions(), "status": "running"}})
+    root.attrs.update(
+        {
+            "drcr_pipeline_job": storage.redact(spec.to_dict()),
+            "drcr_pipeline_run": {
+                "run_id": run_id,
+                "started": now_utc(),
+                "software": software_versions(),
+                "status": "running",
+            },
+        }
+    )
 
     rows: dict[str, ManifestRow] = {}
     work: collections.deque[Any] = collections.deque()
@@ -283,7 +305,9 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     # max_concurrency=2 (ray.overlap_writes): one call writes its cores while the next one computes.
     concurrency = 2 if spec.ray.overlap_writes else 1
     actors = [
-        _PredictorActor.options(num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus, max_concurrency=concurrency).remote(ctx, spec.ray.num_cpus_per_actor)  # type: ignore[attr-defined]
+        _PredictorActor.options(  # type: ignore[attr-defined]
+            num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus, max_concurrency=concurrency
+        ).remote(ctx, spec.ray.num_cpus_per_actor)
         for _ in range(spec.ray.actors)
     ]
     load = [0] * len(actors)
@@ -320,9 +344,11 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             if progress:
                 progress("done", 1)
 
+    prepare = _prepare_remote(spec)
+
     def start_image(item: Any) -> None:
         kind, value = item
-        gen = _prepare_task.options(num_cpus=spec.ray.decode_num_cpus).remote(ctx, value) if kind == "ref" else _prepare_task.options(num_cpus=spec.ray.decode_num_cpus).remote(ctx, None, value)
+        gen = prepare.remote(ctx, value) if kind == "ref" else prepare.remote(ctx, None, value)
         label = value if kind == "ref" else ImageRef(source=f"<tar.gz entry {id(gen):x}>", member=None, kind="targz")
         slot = _Slot(gen=gen, label=label, t0=time.perf_counter())
         slots[gen] = slot
@@ -334,7 +360,18 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         del slots[slot.gen]
         peaks["prepare"] = max(peaks["prepare"], meta.peak_rss)
         peaks["actor"] = max([peaks["actor"]] + [int(r.get("peak_rss", 0)) for r in slot.results])
-        row = _row(ctx, meta.ref, group=meta.group, source_sha256=meta.sha256, source_bytes=meta.nbytes, width=meta.width, height=meta.height, tiles=len(meta.tiles), decode_s=meta.decode_s, total_s=time.perf_counter() - slot.t0)
+        row = _row(
+            ctx,
+            meta.ref,
+            group=meta.group,
+            source_sha256=meta.sha256,
+            source_bytes=meta.nbytes,
+            width=meta.width,
+            height=meta.height,
+            tiles=len(meta.tiles),
+            decode_s=meta.decode_s,
+            total_s=time.perf_counter() - slot.t0,
+        )
         if meta.status != "run":
             row.status, row.error_type, row.error = meta.status, meta.error_type, meta.error
             if meta.status == "failed":
@@ -377,7 +414,15 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             if item is None:
                 break
             if item[0] == "targz":
-                targz_gens.append((item[1], _targz_task.options(num_cpus=spec.ray.decode_num_cpus, _generator_backpressure_num_objects=2 * spec.ray.max_images_in_flight).remote(ctx, item[1])))
+                targz_gens.append(
+                    (
+                        item[1],
+                        _targz_task.options(
+                            num_cpus=spec.ray.decode_num_cpus,
+                            _generator_backpressure_num_objects=2 * spec.ray.max_images_in_flight,
+                        ).remote(ctx, item[1]),
+                    )
+                )
                 continue
             start_image(item)
         # 2. Dispatch ready batches to the least-loaded actor with room.
@@ -456,7 +501,13 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                     first = ray.get(item_ref)
                 except Exception as exc:  # the prepare task failed after its retries
                     slot.exhausted = True
-                    slot.meta = ImageMeta(ref=slot.label, group="", status="failed", error_type=type(exc).__name__, error=storage.describe_error(exc))
+                    slot.meta = ImageMeta(
+                        ref=slot.label,
+                        group="",
+                        status="failed",
+                        error_type=type(exc).__name__,
+                        error=storage.describe_error(exc),
+                    )
                     close(slot)
                     continue
                 if isinstance(first, Rejected):
@@ -468,31 +519,78 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 slot.meta = first
                 continue
             assert slot.meta is not None
+            if slot.next_tile >= len(slot.meta.tiles):  # the task's last item: its peak memory
+                # A figure, not a result: if it was lost with a node, it is simply not counted.
+                with contextlib.suppress(Exception):
+                    peaks["prepare"] = max(peaks["prepare"], int(ray.get(item_ref)["peak_rss"]))
+                continue
             slot.pending.append((slot.meta.tiles[slot.next_tile], item_ref))
             slot.next_tile += 1
             flush(slot, final=False)
 
     settle(block=True)
     finisher.shutdown()
-    summary = RunSummary(run_id=run_id, elapsed_s=time.perf_counter() - t_start, megapixels=megapixels, nodes=sorted(nodes), peak_rss={"driver": peak_rss(), **peaks}, compute=compute_stats(all_results))
+    summary = RunSummary(
+        run_id=run_id,
+        elapsed_s=time.perf_counter() - t_start,
+        megapixels=megapixels,
+        nodes=sorted(nodes),
+        peak_rss={"driver": peak_rss(), **peaks},
+        compute=compute_stats(all_results),
+    )
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
-    root.attrs.update({"drcr_pipeline_run": {"run_id": run_id, "finished": now_utc(), "software": software_versions(), "status": "finished", "summary": summary.to_dict()}})
+    root.attrs.update(
+        {
+            "drcr_pipeline_run": {
+                "run_id": run_id,
+                "finished": now_utc(),
+                "software": software_versions(),
+                "status": "finished",
+                "summary": summary.to_dict(),
+            }
+        }
+    )
     for a in actors:
         ray.kill(a)
     return summary
+
+
+def _prepare_remote(spec: JobSpec) -> Any:
+    """The prepare task with the job's resources. It runs at most :func:`tiles_ahead` windows ahead of the
+    driver, which takes them only as batches find room: windows waiting in the object store stay bounded
+    whatever the image size."""
+    return _prepare_task.options(
+        num_cpus=spec.ray.decode_num_cpus, _generator_backpressure_num_objects=tiles_ahead(spec)
+    )
+
+
+def tiles_ahead(spec: JobSpec) -> int:
+    """How many windows a prepare task may yield beyond those the driver has taken: enough to fill every
+    actor's queue once more (``actors × max_batches_per_actor × batch_size``), plus its metadata item."""
+    return spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size + 1
 
 
 def _archive_row(url: str, run_id: str, problem: Exception | str) -> ManifestRow:
     """The row of a whole archive: ``failed`` when it cannot be read, ``skipped`` when it holds no image."""
     name = storage.redact(url)
     if isinstance(problem, Exception):
-        return ManifestRow(input=name, source=name, status="failed", error_type="ArchiveError", error=str(problem), run_id=run_id)
-    return ManifestRow(input=name, source=name, status="skipped", error_type="NoImages", error=f"{name}: archive contains no images", run_id=run_id)
+        return ManifestRow(
+            input=name, source=name, status="failed", error_type="ArchiveError", error=str(problem), run_id=run_id
+        )
+    return ManifestRow(
+        input=name,
+        source=name,
+        status="skipped",
+        error_type="NoImages",
+        error=f"{name}: archive contains no images",
+        run_id=run_id,
+    )
 
 
 def _rejected_row(ctx: JobContext, rej: Rejected) -> ManifestRow:
     status = "skipped" if rej.reason in SKIP_REASONS else "failed"
-    return _row(ctx, rej.ref, status=status, error_type="RejectedMember", error=f"{storage.redact(rej.ref.name)}: {rej.reason}")
-
+    return _row(
+        ctx, rej.ref, status=status, error_type="RejectedMember", error=f"{storage.redact(rej.ref.name)}: {rej.reason}"
+    )

@@ -43,7 +43,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -328,27 +328,36 @@ def _tar_reason(info: tarfile.TarInfo) -> tuple[bool, str | None]:
 
 
 def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
-    images: list[ImageRef] = []
-    rejected: list[Rejected] = []
     try:
         # Seekable "r:" mode: tarfile seeks over member data, so only headers are fetched.
         with (
             fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f,
             tarfile.open(fileobj=f, mode="r:") as tf,
         ):
-            for index, info in enumerate(tf):
-                keep, reason = _tar_reason(info)
-                if not keep:
-                    continue
-                ref = ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index)
-                if reason is None:
-                    images.append(ref)
-                else:
-                    rejected.append(Rejected(ref, reason))
+            return _partition(
+                (
+                    ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index),
+                    _tar_reason(info),
+                )
+                for index, info in enumerate(tf)
+            )
     except FileNotFoundError as e:
         raise InputError(f"archive {url!r} does not exist") from e
     except (tarfile.TarError, EOFError) as e:
         raise ArchiveError(f"archive {url!r}: corrupt or truncated tar ({e})") from e
+
+
+def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> tuple[list[ImageRef], list[Rejected]]:
+    """Archive entries with their ``(keep, reason)`` verdict → (images, rejected); entries not kept are dropped."""
+    images: list[ImageRef] = []
+    rejected: list[Rejected] = []
+    for ref, (keep, reason) in entries:
+        if not keep:
+            continue
+        if reason is None:
+            images.append(ref)
+        else:
+            rejected.append(Rejected(ref, reason))
     return images, rejected
 
 
@@ -411,22 +420,14 @@ def _open_zip(f: IO[bytes], url: str) -> zipfile.ZipFile:
 
 
 def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
-    images: list[ImageRef] = []
-    rejected: list[Rejected] = []
     try:
         with fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f, _open_zip(f, url) as zf:
-            for index, info in enumerate(zf.infolist()):
-                keep, reason = _zip_reason(info)
-                if not keep:
-                    continue
-                ref = ImageRef(url, info.filename, "zip", size=info.file_size, index=index)
-                if reason is None:
-                    images.append(ref)
-                else:
-                    rejected.append(Rejected(ref, reason))
+            return _partition(
+                (ImageRef(url, info.filename, "zip", size=info.file_size, index=index), _zip_reason(info))
+                for index, info in enumerate(zf.infolist())
+            )
     except FileNotFoundError as e:
         raise InputError(f"archive {url!r} does not exist") from e
-    return images, rejected
 
 
 def _read_zip_member(fs: AbstractFileSystem, path: str, ref: ImageRef) -> bytes:

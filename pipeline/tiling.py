@@ -12,10 +12,11 @@ whole input, so for DRCR it is close, not equal (README, "Tiling").
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Tile", "plan_tiles", "reflect_indices", "extract_window", "crop_core", "stitch"]
+__all__ = ["Croppable", "Tile", "plan_tiles", "reflect_indices", "extract_window", "crop_core", "stitch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +79,32 @@ def reflect_indices(start: int, length: int, n: int) -> np.ndarray:
     return np.where(m >= n, period - m, m)
 
 
-def extract_window(image: np.ndarray, tile: Tile) -> np.ndarray:
-    """The tile's window of an H×W×C image (reflect-padded outside the image), same dtype, contiguous."""
+class Croppable(Protocol):
+    """An image that hands out crops (e.g. :class:`pipeline.decode.DecodedImage`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray: ...
+
+
+def extract_window(image: np.ndarray | Croppable, tile: Tile) -> np.ndarray:
+    """The tile's window of an H×W×C image (reflect-padded outside the image), same dtype, contiguous.
+
+    ``image`` is an array or anything with ``shape`` and ``crop(y0, y1, x0, x1)``; only the rows and columns
+    the window uses are cropped, so a decoded image never has to exist as one whole array.
+    """
     h, w = image.shape[:2]
     if tile.whole:
-        return image
+        return image if isinstance(image, np.ndarray) else image.crop(0, h, 0, w)
     rows = reflect_indices(tile.y0, tile.height, h)
     cols = reflect_indices(tile.x0, tile.width, w)
+    r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    block = image[r0:r1, c0:c1] if isinstance(image, np.ndarray) else image.crop(r0, r1, c0, c1)
     inside = tile.y0 >= 0 and tile.x0 >= 0 and tile.y0 + tile.height <= h and tile.x0 + tile.width <= w
     if inside:
-        return np.ascontiguousarray(image[tile.y0 : tile.y0 + tile.height, tile.x0 : tile.x0 + tile.width])
-    return np.ascontiguousarray(image[rows[:, None], cols[None, :]])
+        return np.ascontiguousarray(block)
+    return np.ascontiguousarray(block[(rows - r0)[:, None], (cols - c0)[None, :]])
 
 
 def crop_core(output: np.ndarray, tile: Tile) -> np.ndarray:
@@ -97,7 +113,9 @@ def crop_core(output: np.ndarray, tile: Tile) -> np.ndarray:
     return output[:, ys, xs]
 
 
-def stitch(cores: list[tuple[Tile, np.ndarray]], height: int, width: int, bands: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
+def stitch(
+    cores: list[tuple[Tile, np.ndarray]], height: int, width: int, bands: int, dtype: np.dtype | type = np.float32
+) -> np.ndarray:
     """Assemble ``bands×H×W`` from ``(tile, core)`` pairs (any order; cores never overlap)."""
     out = np.empty((bands, height, width), dtype=dtype)
     covered = np.zeros((height, width), dtype=bool)

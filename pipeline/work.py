@@ -27,7 +27,17 @@ from pipeline.provenance import host_info, now_utc, software_versions
 from pipeline.sources import ImageRef, read_member
 from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
 
-__all__ = ["JobContext", "ImageMeta", "prepare_image", "Predictor", "finish_image", "storage_options"]
+__all__ = [
+    "JobContext",
+    "ImageMeta",
+    "prepare_image",
+    "Predictor",
+    "finish_image",
+    "storage_options",
+    "bound_heap",
+    "release_free_memory",
+    "peak_rss",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +107,22 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
         "model": {
             "name": "DRCR Net (Li et al., CVPR Workshops 2022)",
             "config": dict(w["config"]),
-            "weights": {"name": w["name"], "location": storage.redact(w["url"]), "sha256": w["sha256"], "meta": dict(w.get("meta", {}))},
+            "weights": {
+                "name": w["name"],
+                "location": storage.redact(w["url"]),
+                "sha256": w["sha256"],
+                "meta": dict(w.get("meta", {})),
+            },
             "untrained": bool(w.get("meta", {}).get("untrained", False)),
         },
-        "preprocessing": {"method": w["preprocessing"], "scale": meta.scale, "note": "RGB divided by the image's own maximum over all pixels and channels, as the authors do"},
+        "preprocessing": {
+            "method": w["preprocessing"],
+            "scale": meta.scale,
+            "note": "RGB divided by the image's own maximum over all pixels and channels, as the authors do",
+        },
         "inference": dataclasses.asdict(spec.inference),
-        "tiling": dataclasses.asdict(spec.tiling) | {"tiles": len(meta.tiles), "whole_image": len(meta.tiles) == 1 and meta.tiles[0].whole},
+        "tiling": dataclasses.asdict(spec.tiling)
+        | {"tiles": len(meta.tiles), "whole_image": len(meta.tiles) == 1 and meta.tiles[0].whole},
         "output": dataclasses.asdict(spec.output_options) | {"bands_nm": list(ctx.bands_nm)},
         "batch_size": spec.ray.batch_size,
         "job": {"name": spec.name, "run_id": ctx.run_id, "fingerprint": ctx.fingerprint},
@@ -136,7 +156,10 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         attrs = cubes.read_status(store, group)
         if attrs and attrs.get("complete") is True:
             record = attrs.get(cubes.ATTR, {})
-            if record.get("source", {}).get("sha256") == meta.sha256 and record.get("job", {}).get("fingerprint") == ctx.fingerprint:
+            if (
+                record.get("source", {}).get("sha256") == meta.sha256
+                and record.get("job", {}).get("fingerprint") == ctx.fingerprint
+            ):
                 meta.status = "skipped"
                 meta.error = "already complete with the same source sha256 and job fingerprint"
                 meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
@@ -144,19 +167,30 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 return
         decoded = decode_image(data, name=ref.name)
         del data
-        image = decoded.array
-        meta.height, meta.width = int(image.shape[0]), int(image.shape[1])
+        meta.height, meta.width = decoded.height, decoded.width
         meta.mode = decoded.mode
-        peak = float(image.max()) if image.size else 0.0
+        peak = float(decoded.max())
         meta.scale = peak if peak > 0 else 1.0
         t = ctx.spec.tiling
-        meta.tiles = plan_tiles(meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
+        meta.tiles = plan_tiles(
+            meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo
+        )
         record = (attrs or {}).get(cubes.ATTR, {})
         # A retried or lineage-reconstructed prepare task of this same run (its tiles lost with a node)
         # must not recreate the group: that would delete regions the actors already wrote.
-        same_run = record.get("job", {}).get("run_id") == ctx.run_id and record.get("source", {}).get("sha256") == meta.sha256
+        same_run = (
+            record.get("job", {}).get("run_id") == ctx.run_id and record.get("source", {}).get("sha256") == meta.sha256
+        )
         if not same_run:
-            cubes.create_cube(store, group, height=meta.height, width=meta.width, bands_nm=ctx.bands_nm, spec=ctx.spec.output_options, provenance=_provenance(ctx, meta, decoded))
+            cubes.create_cube(
+                store,
+                group,
+                height=meta.height,
+                width=meta.width,
+                bands_nm=ctx.bands_nm,
+                spec=ctx.spec.output_options,
+                provenance=_provenance(ctx, meta, decoded),
+            )
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
         yield meta
@@ -164,8 +198,63 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
     meta.decode_s = time.perf_counter() - t0
     meta.peak_rss = peak_rss()
     yield meta
-    for tile in meta.tiles:
-        yield extract_window(image, tile)
+    for tile in meta.tiles:  # windows are cropped from the decoder's buffer: no whole-image array is made
+        yield extract_window(decoded, tile)
+    del decoded
+
+
+def bound_heap() -> None:
+    """Map every buffer of 1 MiB or more on its own and unmap it when freed (glibc ``M_MMAP_THRESHOLD``).
+
+    By default glibc raises its mmap threshold each time a large mapped block is freed, so later batch-sized
+    buffers (1–32 MiB: windows, outputs, encoded chunks) come from heaps that fragment and rarely shrink;
+    with two batches in flight (``ray.overlap_writes``) an actor held ~60 MB more than the buffers in use
+    (1.32× from a 1024² to an 8192² image, README "Performance"). A fixed threshold (which also turns the
+    adjustment off) removes that. Used in actors whose model does not compute on the CPU (GPU, or the
+    benchmark stand-in): CPU convolutions allocate such buffers by the hundred per forward pass, and mapping
+    and zero-filling each anew made CPU inference 1.55× slower (CPU actors trim instead, see
+    :func:`release_free_memory`). Not in tasks: Ray reuses their worker processes for other tasks, and the
+    setting cannot be undone. Idempotent; a no-op off glibc.
+    """
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED:
+        return
+    _HEAP_BOUNDED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h
+    except (OSError, AttributeError):  # not glibc (musl has a no-op, macOS has no mallopt)
+        pass
+
+
+_HEAP_BOUNDED = False
+
+
+TRIM_EVERY = 8
+"""A CPU predictor gives its heaps' free pages back every this many batches (:func:`release_free_memory`)."""
+
+
+def release_free_memory() -> None:
+    """Give the heaps' free pages back to the OS (glibc ``malloc_trim(0)``); a no-op off glibc.
+
+    CPU predictors, which keep glibc's dynamic mmap threshold (see :func:`bound_heap`), call it every
+    ``TRIM_EVERY`` batches: their heaps otherwise creep up with the batches processed (tiny model, 1024² →
+    4096² image: 1030 → 1415 MB). Not after every batch: the next batch faults the pages back in, which cost
+    ~25 % of a tiny-model batch on this CPU."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def peak_rss() -> int:
@@ -196,6 +285,10 @@ class Predictor:
         self.ctx = ctx
         torch.set_num_threads(_torch_threads(num_cpus))
         self.device = select_device(device or ctx.spec.inference.device)
+        self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
+        if self._heap_bounded:
+            bound_heap()  # not for CPU compute: see bound_heap
+        self._batches, self._count_lock = 0, threading.Lock()
         self._opts = storage_options(ctx)
         weights = Weights.from_record(ctx.weights)
         self.model = weights.load(device=self.device, storage_options=self._opts)
@@ -218,9 +311,29 @@ class Predictor:
             t0, c0 = time.perf_counter(), time.thread_time()
             outputs = self._compute_batch(scale, tiles, windows)
             t1, c1 = time.perf_counter(), time.thread_time()
-        cubes.write_regions(self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)])
+        cubes.write_regions(
+            self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)]
+        )
+        if not self._heap_bounded:
+            with self._count_lock:
+                self._batches += 1
+                trim = self._batches % TRIM_EVERY == 0
+            if trim:
+                del outputs, windows
+                release_free_memory()  # outside the compute lock: overlaps the next batch's compute
         t2 = time.perf_counter()
-        return {"infer_s": t1 - t0, "write_s": t2 - t1, "infer_cpu_s": c1 - c0, "compute_start": start, "compute_end": start + (t1 - t0), "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": self.device_name, "host": host_info()["hostname"], "pid": os.getpid(), "peak_rss": peak_rss()}
+        return {
+            "infer_s": t1 - t0,
+            "write_s": t2 - t1,
+            "infer_cpu_s": c1 - c0,
+            "compute_start": start,
+            "compute_end": start + (t1 - t0),
+            "pixels": int(sum(t.core_h * t.core_w for t in tiles)),
+            "device": self.device_name,
+            "host": host_info()["hostname"],
+            "pid": os.getpid(),
+            "peak_rss": peak_rss(),
+        }
 
     def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
         """Each tile's core of the model output, bands × core_h × core_w float32."""
@@ -233,7 +346,14 @@ class Predictor:
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32
-            cube = reconstruct(x, self.model, mode=inf.mode, precision=inf.precision, channels_last=inf.channels_last, preprocessed=True)  # type: ignore[arg-type]
+            cube = reconstruct(
+                x,
+                self.model,
+                mode=inf.mode,  # type: ignore[arg-type]
+                precision=inf.precision,
+                channels_last=inf.channels_last,
+                preprocessed=True,
+            )
             outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
         else:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
@@ -248,7 +368,9 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
     extra = {
         "finished": now_utc(),
         "device": sorted({r["device"] for r in results}),
-        "workers": sorted({f"{r['host']}:{r['pid']}" for r in results} | {f"node:{r['node']}" for r in results if r.get("node")}),
+        "workers": sorted(
+            {f"{r['host']}:{r['pid']}" for r in results} | {f"node:{r['node']}" for r in results if r.get("node")}
+        ),
         "timings": {
             "decode_s": meta.decode_s,
             "infer_s": float(sum(r["infer_s"] for r in results)),

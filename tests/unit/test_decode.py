@@ -214,3 +214,109 @@ def test_truncated_is_a_decode_error(fmt: str) -> None:
     data = _encode(Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
     with pytest.raises(DecodeError, match="t.img: cannot decode image"):
         decode_image(data[: len(data) * 2 // 3], name="t.img")
+
+
+# --- crops: the pipeline never makes the whole array; every crop must equal the whole image's slice ------------
+
+
+def _expected_whole(data: bytes) -> np.ndarray:
+    """The policy applied to the whole image with Pillow alone (independent of the crop path)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16L", "I;16B", "I"):
+            return np.repeat(np.asarray(im).astype(np.uint16)[..., None], 3, axis=2)
+        if im.mode in ("P", "PA"):
+            return np.asarray(im.convert("RGBA"))[..., :3]
+        if im.mode in ("L", "LA", "1"):
+            return np.repeat(np.asarray(im.convert("L"))[..., None], 3, axis=2)
+        return np.asarray(im.convert("RGB"))
+
+
+def _source(mode: str, h: int, w: int) -> tuple[Image.Image, str]:
+    if mode == "RGB":
+        return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)), "PNG"
+    if mode == "RGBA":
+        return Image.fromarray(RNG.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA"), "PNG"
+    if mode == "L":
+        return Image.fromarray(RNG.integers(0, 256, (h, w), dtype=np.uint8), "L"), "PNG"
+    if mode == "P":
+        return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(17), "PNG"
+    if mode == "CMYK":
+        return Image.fromarray(RNG.integers(0, 256, (h, w, 4), dtype=np.uint8), "CMYK"), "JPEG"
+    if mode == "I;16":
+        return Image.fromarray(RNG.integers(0, 65536, (h, w), dtype=np.uint16)), "PNG"  # mode I;16
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
+def test_crops_equal_slices_of_the_whole_image(mode: str, orientation: int) -> None:
+    im, fmt = _source(mode, 23, 37)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    data = _encode(im, fmt, exif=exif.tobytes())
+    image = decode_image(data, name="crop-test")
+    expected = _expected_whole(data)
+    assert image.shape == expected.shape
+    rng = np.random.default_rng(orientation)
+    for _ in range(20):
+        y0, x0 = int(rng.integers(0, image.height)), int(rng.integers(0, image.width))
+        y1, x1 = int(rng.integers(y0 + 1, image.height + 1)), int(rng.integers(x0 + 1, image.width + 1))
+        crop = image.crop(y0, y1, x0, x1)
+        assert crop.flags.c_contiguous and crop.dtype == expected.dtype
+        np.testing.assert_array_equal(crop, expected[y0:y1, x0:x1])
+    assert image.max() == int(expected.max())
+    np.testing.assert_array_equal(image.array, expected)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 7])
+def test_crops_of_16bit_rgb(orientation: int) -> None:
+    data = png_bytes_16bit(np.random.default_rng(1).integers(0, 65536, (9, 14, 3), dtype=np.uint16))
+    if orientation != 1:  # re-save the header with an orientation: add an eXIf chunk by hand
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        payload = exif.tobytes()[6:]  # PNG eXIf holds the TIFF structure without the "Exif\0\0" prefix
+        chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+        chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload) & 0xFFFFFFFF)
+        at = data.index(b"IDAT") - 4
+        data = data[:at] + chunk + data[at:]
+    image = decode_image(data, name="rgb16")
+    assert image.bit_depth == 16 and image.orientation == orientation
+    whole = image.array
+    assert whole.shape == ((14, 9, 3) if orientation in (6, 7) else (9, 14, 3))
+    np.testing.assert_array_equal(image.crop(2, 7, 1, 5), whole[2:7, 1:5])
+    assert image.max() == int(whole.max())
+
+
+def test_crop_outside_the_image_is_refused() -> None:
+    image = decode_image(_encode(Image.new("RGB", (5, 4))), name="x")
+    for box in [(0, 5, 0, 5), (-1, 2, 0, 2), (2, 2, 0, 3), (0, 4, 3, 6)]:
+        with pytest.raises(ValueError, match="not inside the 4×5 image"):
+            image.crop(*box)
+
+
+def test_windows_never_make_the_whole_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting every tile window out of a decoded 1024² image allocates (numpy, tracemalloc) about one
+    window at a time, not the 3 MB image: the pipeline's decode task stays near Pillow's own buffer."""
+    import tracemalloc
+
+    from pipeline.tiling import extract_window, plan_tiles
+
+    rgb = np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    image = decode_image(_encode(Image.fromarray(rgb), "PNG"), name="big")
+    tiles = plan_tiles(1024, 1024, max_tile_pixels=64 * 64, tile_core=128, halo=16)
+    monkeypatch.setattr("pipeline.decode.STRIP_PIXELS", 64 * 1024)
+    tracemalloc.start()
+    try:
+        for tile in tiles:
+            window = extract_window(image, tile)
+            np.testing.assert_array_equal(window, extract_window(rgb, tile))  # the reference array is not traced
+            del window
+        assert image.max() == int(rgb.max())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    window_bytes, strip_bytes = 160 * 160 * 3, 64 * 1024 * 3
+    # Pillow → numpy passes through a bytes copy: 2 × (a window or a strip), plus slack; the image is 3 MB.
+    assert peak < 3 * max(window_bytes, strip_bytes) + 256 * 1024, peak
+    assert "array" not in vars(image)  # the whole-image array was never made

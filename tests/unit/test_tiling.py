@@ -90,3 +90,31 @@ def test_stitch_detects_gaps() -> None:
     tiles = plan_tiles(32, 32, max_tile_pixels=1, tile_core=16, halo=2)
     with pytest.raises(ValueError, match="cover"):
         stitch([(t, np.zeros((1, t.core_h, t.core_w))) for t in tiles[:-1]], 32, 32, 1)
+
+
+class _Recording:
+    """A Croppable over an array that records every crop box (and refuses boxes outside the image)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image, self.boxes = image, []  # type: ignore[var-annotated]
+        self.shape = image.shape
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        h, w = self.shape[:2]
+        assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w, (y0, y1, x0, x1)
+        self.boxes.append((y0, y1, x0, x1))
+        return self.image[y0:y1, x0:x1].copy()
+
+
+@pytest.mark.parametrize("h,w,core,halo", [(1, 1, 4, 2), (3, 5, 4, 8), (37, 61, 16, 6), (100, 64, 32, 16)])
+def test_windows_from_crops_equal_windows_from_the_array(h: int, w: int, core: int, halo: int) -> None:
+    """The decode task cuts windows from crops (only the rows/columns a window uses), reflect-padding
+    included; they must equal the windows cut from the whole array, for images smaller than the halo too."""
+    image = np.random.default_rng(h * w).integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    rec = _Recording(image)
+    for t in plan_tiles(h, w, max_tile_pixels=0 if h * w > 1 else 1, tile_core=core, halo=halo):
+        got = extract_window(rec, t)
+        np.testing.assert_array_equal(got, extract_window(image, t))
+        assert got.flags.c_contiguous
+        y0, y1, x0, x1 = rec.boxes[-1]
+        assert (y1 - y0) <= min(h, t.height) and (x1 - x0) <= min(w, t.width)  # never more than the window needs
