@@ -181,6 +181,10 @@ def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> De
             im = Image.open(io.BytesIO(data))
             _check_bomb(im, caught, name, limit, max_pixels)
             pixels, bit_depth, mode, orientation = _decode_opened(im, data, name, notes)
+            if pixels is im:
+                # A new image on the same loaded pixels, without the file object: an opened PNG/TIFF/GIF
+                # keeps a reference to ``data`` (the encoded file), which must not live as long as the pixels.
+                pixels = im._new(im.im)
         except DecodeError:
             raise
         except UnidentifiedImageError as e:

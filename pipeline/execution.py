@@ -406,6 +406,15 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             return work.popleft()
         return None
 
+    last_progress, longest = time.perf_counter(), 0.0
+
+    def stalled() -> bool:
+        """Nothing moved (no batch finished, no item taken) for a while. Prepare tasks paused by
+        backpressure keep their CPUs, so an actor restarting after a crash or a node loss, or the prepare
+        tasks a paused .tar.gz stream feeds, may be waiting for a CPU that only they can free; then items
+        are taken regardless of room, the paused tasks run to their end, and their CPUs come back."""
+        return time.perf_counter() - last_progress > max(STALL_S, 3 * longest)
+
     while work or slots or targz_gens or batches or inflight:
         settle(block=False)
         # 1. Start images while there is room.
@@ -417,8 +426,11 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 targz_gens.append(
                     (
                         item[1],
+                        # No CPU reserved: the stream pauses (backpressure) until the driver takes its entries,
+                        # and a paused task holding a decode CPU would starve the prepare tasks it feeds.
+                        # Gunzip and reading are light next to decoding.
                         _targz_task.options(
-                            num_cpus=spec.ray.decode_num_cpus,
+                            num_cpus=0,
                             _generator_backpressure_num_objects=2 * spec.ray.max_images_in_flight,
                         ).remote(ctx, item[1]),
                     )
@@ -443,13 +455,16 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             load[i] += 1
         # 3. Wait for something: finished batches, new tiles (only when batches have room), targz entries.
         waitables = list(inflight)
-        if len(batches) < capacity:
+        stuck = stalled()
+        if len(batches) < capacity or stuck:
             waitables += [s.gen for s in slots.values() if not s.exhausted]
-        if len(slots) < spec.ray.max_images_in_flight:
+        if len(slots) < spec.ray.max_images_in_flight or stuck:
             waitables += [g for _, g in targz_gens]
         if not waitables:
             continue
         ready, _ = ray.wait(waitables, num_returns=1, timeout=5.0)
+        if ready:
+            last_progress = time.perf_counter()
         for obj in ready:
             if obj in inflight:
                 slot, i = inflight.pop(obj)
@@ -459,6 +474,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                     result = ray.get(obj)
                     slot.results.append(result)
                     all_results.append(result)
+                    longest = max(longest, float(result["infer_s"]) + float(result["write_s"]))
                 except Exception as exc:  # actor gone after its restarts, or an error in the model
                     slot.failed = slot.failed or storage.describe_error(exc)
                 if slot.exhausted and slot.outstanding == 0:
@@ -492,6 +508,11 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 item_ref = next(obj)  # type: ignore[arg-type]
             except StopIteration:
                 slot.exhausted = True
+                if slot.meta is not None and slot.meta.status == "run" and slot.next_tile < len(slot.meta.tiles):
+                    # e.g. a retried task that failed this time after earlier windows were taken
+                    slot.failed = (
+                        slot.failed or f"prepare task ended after {slot.next_tile} of {len(slot.meta.tiles)} windows"
+                    )
                 flush(slot, final=True)
                 if slot.outstanding == 0:
                     close(slot)
@@ -519,7 +540,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 slot.meta = first
                 continue
             assert slot.meta is not None
-            if slot.next_tile >= len(slot.meta.tiles):  # the task's last item: its peak memory
+            if slot.meta.status != "run" or slot.next_tile >= len(slot.meta.tiles):  # the last item: peak memory
                 # A figure, not a result: if it was lost with a node, it is simply not counted.
                 with contextlib.suppress(Exception):
                     peaks["prepare"] = max(peaks["prepare"], int(ray.get(item_ref)["peak_rss"]))
@@ -557,6 +578,11 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     return summary
 
 
+STALL_S = 5.0
+"""Seconds without progress (or 3 × the longest batch, if longer) after which the driver takes tiles
+regardless of room (see ``stalled`` in :func:`run_job`)."""
+
+
 def _prepare_remote(spec: JobSpec) -> Any:
     """The prepare task with the job's resources. It runs at most :func:`tiles_ahead` windows ahead of the
     driver, which takes them only as batches find room: windows waiting in the object store stay bounded
@@ -566,10 +592,24 @@ def _prepare_remote(spec: JobSpec) -> Any:
     )
 
 
+WINDOWS_AHEAD_BYTES = 32 * 1024 * 1024
+"""About how many bytes of windows one prepare task may have waiting in the object store (see
+:func:`tiles_ahead`)."""
+
+
 def tiles_ahead(spec: JobSpec) -> int:
-    """How many windows a prepare task may yield beyond those the driver has taken: enough to fill every
-    actor's queue once more (``actors × max_batches_per_actor × batch_size``), plus its metadata item."""
-    return spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size + 1
+    """How many items a prepare task may yield beyond those the driver has taken before it pauses: about
+    ``WINDOWS_AHEAD_BYTES`` of windows (8-bit RGB), and never fewer than fill every actor's queue once more
+    (``actors × max_batches_per_actor × batch_size``), plus its first and last items.
+
+    Small and medium images never pause, so their tasks end and free their CPUs while the actors work
+    (decode overlaps inference); a big image's windows never sit in the object store all at once.
+    """
+    t = spec.tiling
+    window = (t.tile_core + 2 * t.halo) ** 2 * 3
+    return (
+        max(spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size, WINDOWS_AHEAD_BYTES // window) + 2
+    )
 
 
 def _archive_row(url: str, run_id: str, problem: Exception | str) -> ManifestRow:

@@ -320,3 +320,17 @@ def test_windows_never_make_the_whole_array(monkeypatch: pytest.MonkeyPatch) -> 
     # Pillow → numpy passes through a bytes copy: 2 × (a window or a strip), plus slack; the image is 3 MB.
     assert peak < 3 * max(window_bytes, strip_bytes) + 256 * 1024, peak
     assert "array" not in vars(image)  # the whole-image array was never made
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "GIF", "JPEG", "WEBP"])
+def test_decoded_image_does_not_keep_the_encoded_file(fmt: str) -> None:
+    """Only the pixels stay: the encoded bytes can be freed once decoded (an opened Pillow image keeps its
+    file object, and with it the whole encoded file, for PNG, TIFF and GIF)."""
+    import sys
+
+    rgb = RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(rgb), fmt)
+    before = sys.getrefcount(data)
+    image = decode_image(data, name="x")
+    assert sys.getrefcount(data) == before  # nothing the image holds refers to the encoded bytes
+    assert image.crop(0, 16, 0, 24).shape == (16, 24, 3)

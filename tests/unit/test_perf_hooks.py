@@ -32,7 +32,10 @@ def test_peak_rss_is_bytes() -> None:
 
 
 @pytest.mark.parametrize("stand_in", [0.0, 0.01])
-def test_concurrent_runs_write_every_core(tmp_path, stand_in: float) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, stand_in: float) -> None:  # type: ignore[no-untyped-def]
+    from pipeline import work
+
+    monkeypatch.setattr(work, "bound_heap", lambda: None)  # it cannot be undone in this test process
     w = untrained_demo_weights(tmp_path / "w")
     spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "out"), "inference": {"stand_in_latency_s": stand_in}, "output_options": {"chunk": 16}})
     ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
