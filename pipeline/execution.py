@@ -98,15 +98,16 @@ def compute_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
     for rs in by_actor.values():
         span = max(r["compute_end"] for r in rs) - min(r["compute_start"] for r in rs)
         fractions.append(sum(r["infer_s"] for r in rs) / span if span > 0 else 1.0)
+    first, last = min(r["compute_start"] for r in spans), max(r["compute_end"] for r in spans)
     return {
         "batches": len(spans),
         "actors": len(by_actor),
         "pixels": int(sum(r.get("pixels", 0) for r in spans)),
         "busy_s": float(sum(r["infer_s"] for r in spans)),
         "cpu_s": float(sum(r.get("infer_cpu_s", 0.0) for r in spans)),
-        "first_start": min(r["compute_start"] for r in spans),
-        "last_end": max(r["compute_end"] for r in spans),
-        "span_s": max(r["compute_end"] for r in spans) - min(r["compute_start"] for r in spans),
+        "first_start": first,
+        "last_end": last,
+        "span_s": last - first,
         "busy_fraction": sum(fractions) / len(fractions),
         "all_active_s": max(0.0, hi - lo),
         "all_active_pixels": window_pixels,
@@ -358,7 +359,6 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         if meta is None:
             return
         del slots[slot.gen]
-        peaks["prepare"] = max(peaks["prepare"], meta.peak_rss)
         peaks["actor"] = max([peaks["actor"]] + [int(r.get("peak_rss", 0)) for r in slot.results])
         row = _row(
             ctx,

@@ -9,6 +9,7 @@ one input become a ``failed`` :class:`ImageMeta`; programming errors propagate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -83,8 +84,6 @@ class ImageMeta:
     tiles: list[Tile] = dataclasses.field(default_factory=list)
     decode_s: float = 0.0
     started: str = ""
-    peak_rss: int = 0
-    """Peak resident memory (bytes) of the preparing process when the image was decoded and planned."""
 
 
 def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any]:
@@ -196,13 +195,13 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         yield meta
         return
     meta.decode_s = time.perf_counter() - t0
-    meta.peak_rss = peak_rss()
     yield meta
     for tile in meta.tiles:  # windows are cropped from the decoder's buffer: no whole-image array is made
         yield extract_window(decoded, tile)
     del decoded
 
 
+@functools.cache
 def bound_heap() -> None:
     """Map every buffer of 1 MiB or more on its own and unmap it when freed (glibc ``M_MMAP_THRESHOLD``).
 
@@ -216,19 +215,9 @@ def bound_heap() -> None:
     :func:`release_free_memory`). Not in tasks: Ray reuses their worker processes for other tasks, and the
     setting cannot be undone. Idempotent; a no-op off glibc.
     """
-    global _HEAP_BOUNDED
-    if _HEAP_BOUNDED:
-        return
-    _HEAP_BOUNDED = True
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h
-    except (OSError, AttributeError):  # not glibc (musl has a no-op, macOS has no mallopt)
-        pass
-
-
-_HEAP_BOUNDED = False
+    mallopt = getattr(_libc(), "mallopt", None)  # musl has a no-op, macOS none
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h
 
 
 TRIM_EVERY = 8
@@ -242,19 +231,20 @@ def release_free_memory() -> None:
     ``TRIM_EVERY`` batches: their heaps otherwise creep up with the batches processed (tiny model, 1024² →
     4096² image: 1030 → 1415 MB). Not after every batch: the next batch faults the pages back in, which cost
     ~25 % of a tiny-model batch on this CPU."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+@functools.cache
+def _libc() -> Any:
+    """This process's C library (``None`` where it cannot be loaded)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def peak_rss() -> int:
@@ -319,7 +309,7 @@ class Predictor:
                 self._batches += 1
                 trim = self._batches % TRIM_EVERY == 0
             if trim:
-                del outputs, windows
+                del outputs
                 release_free_memory()  # outside the compute lock: overlaps the next batch's compute
         t2 = time.perf_counter()
         return {

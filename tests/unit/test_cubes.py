@@ -79,8 +79,8 @@ def test_manifest_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
         ManifestRow(input="x", source="s", status="done")
 
 
-def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A prepare task re-run by Ray (retry or lineage reconstruction) must not wipe what actors wrote."""
+def _one_image_job(tmp_path):  # type: ignore[no-untyped-def]
+    """An 8×8 PNG, a job spec writing under ``tmp_path / "out"`` and the context of run ``run-1``."""
     import io
 
     from PIL import Image
@@ -88,7 +88,7 @@ def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> N
     from drcr_model.weights import untrained_demo_weights
     from pipeline.config import JobSpec
     from pipeline.sources import ImageRef
-    from pipeline.work import JobContext, prepare_image
+    from pipeline.work import JobContext
 
     img = tmp_path / "a.png"
     buf = io.BytesIO()
@@ -97,6 +97,14 @@ def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> N
     spec = JobSpec(inputs=[str(img)], output=str(tmp_path / "out"))
     ctx = JobContext(spec=spec, weights=untrained_demo_weights(tmp_path / "w").to_record(), fingerprint="f", run_id="run-1")
     ref = ImageRef(source=str(img), member=None, kind="file")
+    return spec, ctx, ref
+
+
+def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A prepare task re-run by Ray (retry or lineage reconstruction) must not wipe what actors wrote."""
+    from pipeline.work import JobContext, prepare_image
+
+    spec, ctx, ref = _one_image_job(tmp_path)
     meta = next(prepare_image(ctx, ref))
     store = cubes.open_cubes(spec.output)
     cubes.write_region(store, meta.group, 0, 0, np.ones((31, 8, 8), np.float32))
@@ -115,27 +123,14 @@ def test_prepare_killed_inside_create_cube_is_redone_whole(tmp_path, monkeypatch
     The retry must recreate the group, not keep it half made: the provenance record that marks a group as
     this run's is written last. (Before, a retry kept a group without ``wavelength`` values, which was then
     filled and marked complete: the fault test's rare "cube differs in ['wavelength/c/0']".)"""
-    import io
-
     import zarr
-    from PIL import Image
 
-    from drcr_model.weights import untrained_demo_weights
-    from pipeline.config import JobSpec
-    from pipeline.sources import ImageRef
-    from pipeline.work import JobContext, prepare_image
+    from pipeline.work import prepare_image
 
     class Killed(BaseException):
         pass
 
-    img = tmp_path / "a.png"
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(buf, format="PNG")
-    img.write_bytes(buf.getvalue())
-    spec = JobSpec(inputs=[str(img)], output=str(tmp_path / "out"))
-    ctx = JobContext(spec=spec, weights=untrained_demo_weights(tmp_path / "w").to_record(), fingerprint="f", run_id="run-1")
-    ref = ImageRef(source=str(img), member=None, kind="file")
-
+    spec, ctx, ref = _one_image_job(tmp_path)
     create_array, setitem = zarr.Group.create_array, zarr.Array.__setitem__
 
     def dying_create_array(self, name, *a, **k):  # type: ignore[no-untyped-def]
