@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import re
+import threading
 import unicodedata
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -191,8 +192,9 @@ def quantiser_for(spec: OutputSpec) -> Quantiser | None:
 
 
 def _check_range(quant: Quantiser, block: np.ndarray, where: str) -> None:
-    lo, hi = float(block.min()), float(block.max())  # NaN propagates and fails the test below
-    if lo >= -quant.limit and hi <= quant.limit:
+    """Raise the ``InputError`` that names what in ``block`` cannot be stored (NaN, ±inf, beyond the
+    range); return when all of it is within the range."""
+    if float(block.min()) >= -quant.limit and float(block.max()) <= quant.limit:  # NaN fails both
         return
     finite = block[np.isfinite(block)]
     bad = int(block.size - finite.size)
@@ -204,21 +206,33 @@ def _check_range(quant: Quantiser, block: np.ndarray, where: str) -> None:
     )
 
 
-def _planar_residual(q: np.ndarray) -> np.ndarray:
-    """What the chunk's two deltas (:meth:`Quantiser.filters`) make of ``q`` (bands × h × w), wrapping.
+_scratch = threading.local()
+
+
+def _buffers(shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's reusable chunk buffers (float32, and three of ``dtype``): fresh multi-MB arrays
+    would cost a page fault per 4 KiB on every chunk."""
+    key = (shape, dtype)
+    if getattr(_scratch, "key", None) != key:
+        _scratch.key = key
+        _scratch.bufs = (np.empty(shape, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
+    return _scratch.bufs  # type: ignore[no-any-return]
+
+
+def _planar_residual(q: np.ndarray, d: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """What the chunk's two deltas (:meth:`Quantiser.filters`) make of ``q`` (bands × h × w), wrapping;
+    ``d`` and ``r`` are scratch of ``q``'s shape and dtype, ``r`` is returned.
 
     The y-delta runs over the flattened (band, x, y) order, so the first row of each column is taken
     from the last row of the column before; the x-delta runs over the flattened (band, y, x) order.
     """
-    d = np.empty_like(q)
     np.subtract(q[:, 1:, :], q[:, :-1, :], out=d[:, 1:, :])
     np.subtract(q[:, 0, 1:], q[:, -1, :-1], out=d[:, 0, 1:])
     np.subtract(q[1:, 0, 0], q[:-1, -1, -1], out=d[1:, 0, 0])
     d[0, 0, 0] = q[0, 0, 0]
-    flat = d.reshape(-1)
-    r = np.empty_like(flat)
-    r[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=r[1:])
+    flat, out = d.reshape(-1), r.reshape(-1)
+    out[0] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=out[1:])
     return r
 
 
@@ -229,19 +243,22 @@ def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int]
     Raises:
         InputError: ``block`` has NaN/inf or values beyond ``quant.limit`` (``where`` names the cube).
     """
-    _check_range(quant, block, where)
-    t = np.multiply(block, np.float32(quant.scale), dtype=np.float32)
+    f, q, d, r = _buffers(tuple(chunk_shape), quant.dtype)
+    _, h, w = block.shape
+    t = f[:, :h, :w]
+    np.multiply(block, np.float32(quant.scale), out=t)
+    # The range test on x · scale (contiguous, in cache) rather than on x: float32 rounding can let
+    # |x| pass a relative 2⁻²⁴ beyond the limit, which the limit's 0.9 factor and its one-step
+    # distance from the integer type's end absorb. NaN fails the test.
+    bound = quant.limit * quant.scale
+    if not (float(t.min()) >= -bound and float(t.max()) <= bound):
+        _check_range(quant, block, where)
     np.rint(t, out=t)
-    if t.shape == tuple(chunk_shape):
-        q = t.astype(quant.dtype)
-    else:
-        q = np.empty(tuple(chunk_shape), dtype=quant.dtype)
-        _, h, w = t.shape
-        q[:, :h, :w] = t
-        q[:, :h, w:] = q[:, :h, w - 1 : w]
-        q[:, h:, :] = q[:, h - 1 : h, :]
+    np.copyto(q[:, :h, :w], t, casting="unsafe")  # exact: integers within the type (checked above)
+    q[:, :h, w:] = q[:, :h, w - 1 : w]
+    q[:, h:, :] = q[:, h - 1 : h, :]
     codec = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
-    return bytes(codec.encode(_planar_residual(q)))
+    return bytes(codec.encode(_planar_residual(q, d, r)))
 
 
 @functools.cache

@@ -42,8 +42,18 @@ def test_xarray_opens_the_cube_with_only_zarr_numcodecs_xarray(tmp_path) -> None
     assert spec.max_error > 0
     store = cubes.open_cubes(str(tmp_path / "out"))
     ref = np.random.default_rng(0).normal(0.4, 0.2, (31, 40, 50)).astype(np.float32)
-    cubes.create_cube(store, "photos/img-1", height=40, width=50, bands_nm=range(400, 701, 10), spec=OutputSpec(chunk=16), provenance={})
-    cubes.write_regions(store, "photos/img-1", [(0, 0, ref[:, :32, :32]), (0, 32, ref[:, :32, 32:]), (32, 0, ref[:, 32:, :])])
+    cubes.create_cube(
+        store,
+        "photos/img-1",
+        height=40,
+        width=50,
+        bands_nm=range(400, 701, 10),
+        spec=OutputSpec(chunk=16),
+        provenance={},
+    )
+    cubes.write_regions(
+        store, "photos/img-1", [(0, 0, ref[:, :32, :32]), (0, 32, ref[:, :32, 32:]), (32, 0, ref[:, 32:, :])]
+    )
     np.save(tmp_path / "ref.npy", ref)
 
     venv = tmp_path / "venv"
@@ -56,7 +66,14 @@ def test_xarray_opens_the_cube_with_only_zarr_numcodecs_xarray(tmp_path) -> None
     )
     (tmp_path / "reader.py").write_text(READER)
     out = subprocess.run(
-        [str(venv / "bin" / "python"), "-W", "ignore", "reader.py", str(tmp_path / "out" / "cubes.zarr"), str(tmp_path / "ref.npy")],
+        [
+            str(venv / "bin" / "python"),
+            "-W",
+            "ignore",
+            "reader.py",
+            str(tmp_path / "out" / "cubes.zarr"),
+            str(tmp_path / "ref.npy"),
+        ],
         cwd=tmp_path,  # outside the repository: nothing of ours on sys.path
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,

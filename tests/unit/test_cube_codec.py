@@ -67,7 +67,10 @@ def test_bound_holds_on_hostile_and_random_values(tmp_path, max_error: float) ->
     assert err.max() > 0.9 * max_error  # the halfway values do use the error budget: the test can fail
 
 
-@pytest.mark.parametrize("shape,chunk", [((31, 1, 1), 4), ((31, 1, 9), 4), ((31, 9, 1), 4), ((31, 5, 7), 4), ((31, 33, 17), 16), ((2, 12, 12), 4)])
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [((31, 1, 1), 4), ((31, 1, 9), 4), ((31, 9, 1), 4), ((31, 5, 7), 4), ((31, 33, 17), 16), ((2, 12, 12), 4)],
+)
 def test_bound_holds_for_odd_shapes_and_edge_chunks(tmp_path, shape, chunk) -> None:  # type: ignore[no-untyped-def]
     data = np.random.default_rng(1).normal(0.4, 0.3, shape).astype(np.float32)
     back = _round_trip(tmp_path, data, 5e-4, chunk=chunk)
@@ -108,7 +111,9 @@ def test_unstorable_values_fail_the_write_and_leave_the_chunk_unwritten(tmp_path
     ``InputError`` naming the cube (the image is recorded as failed, never complete); the chunk stays
     unwritten, so it reads as NaN, never as wrong numbers."""
     store = cubes.open_cubes(str(tmp_path))
-    cubes.create_cube(store, "a/img", height=8, width=16, bands_nm=BANDS, spec=OutputSpec(max_error=5e-4, chunk=8), provenance={})
+    cubes.create_cube(
+        store, "a/img", height=8, width=16, bands_nm=BANDS, spec=OutputSpec(max_error=5e-4, chunk=8), provenance={}
+    )
     data = np.full((31, 8, 16), 0.5, np.float32)
     data[3, 2, 11] = bad
     with pytest.raises(InputError, match=r"a/img: model output .*max_error = 0.0005 stores values in ±32.25"):
@@ -129,19 +134,31 @@ def test_bound_is_recorded_in_the_array_and_codecs_are_stock(tmp_path) -> None: 
     import xarray as xr
 
     store = cubes.open_cubes(str(tmp_path))
-    cubes.create_cube(store, "g", height=8, width=8, bands_nm=BANDS, spec=OutputSpec(max_error=1e-3, chunk=8), provenance={})
+    cubes.create_cube(
+        store, "g", height=8, width=8, bands_nm=BANDS, spec=OutputSpec(max_error=1e-3, chunk=8), provenance={}
+    )
     cubes.write_region(store, "g", 0, 0, np.full((31, 8, 8), 0.25, np.float32))
     ds = xr.open_zarr(store, group="g", consolidated=False)
     assert ds.cube.attrs["max_abs_error"] == 1e-3 and ds.cube.attrs["quantisation"]["dtype"] == "<i2"
     assert np.abs(ds.cube.values - 0.25).max() <= 1e-3
     meta = zarr.open_array(store, path="g/cube", mode="r").metadata.to_dict()
     names = [c["name"] for c in meta["codecs"]]
-    assert names == ["numcodecs.fixedscaleoffset", "transpose", "numcodecs.delta", "transpose", "numcodecs.delta", "bytes", "blosc"]
+    assert names == [
+        "numcodecs.fixedscaleoffset",
+        "transpose",
+        "numcodecs.delta",
+        "transpose",
+        "numcodecs.delta",
+        "bytes",
+        "blosc",
+    ]
 
 
 def test_max_error_zero_keeps_float16_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = cubes.open_cubes(str(tmp_path))
-    cubes.create_cube(store, "g", height=8, width=8, bands_nm=BANDS, spec=OutputSpec(max_error=0, chunk=8), provenance={})
+    cubes.create_cube(
+        store, "g", height=8, width=8, bands_nm=BANDS, spec=OutputSpec(max_error=0, chunk=8), provenance={}
+    )
     arr = zarr.open_array(store, path="g/cube", mode="r")
     assert arr.dtype == np.float16 and "max_abs_error" not in arr.attrs
     assert [c["name"] for c in arr.metadata.to_dict()["codecs"]] == ["bytes", "blosc"]
@@ -160,7 +177,9 @@ def test_fingerprint_and_spec_file_carry_max_error() -> None:
     assert spec.with_overrides({"output_options.max_error": 1e-3}).fingerprint("w") != fp
     assert spec.with_overrides({"output_options.max_error": 0}).fingerprint("w") != fp
     assert spec.with_overrides({"output_options.max_error": 5e-4}).fingerprint("w") == fp
-    again = JobSpec.from_dict(__import__("tomllib").loads(spec.with_overrides({"output_options.max_error": 1e-4}).to_toml()))
+    again = JobSpec.from_dict(
+        __import__("tomllib").loads(spec.with_overrides({"output_options.max_error": 1e-4}).to_toml())
+    )
     assert again.output_options.max_error == 1e-4
 
 
