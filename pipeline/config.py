@@ -8,7 +8,7 @@ A spec file has one table per section::
     [weights]      # path = "" → the package's default weights
     [inference]    # mode, precision, channels_last, device
     [tiling]       # max_tile_pixels, tile_core, halo
-    [output_options]  # dtype, chunk, compressor, level
+    [output_options]  # max_error, dtype, chunk, compressor, level
     [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
     [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
 
@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# Below 1e-5 float32 arithmetic leaves too little range (pipeline.cubes.Quantiser); above 0.1 is no spectrum.
+MIN_MAX_ERROR, MAX_MAX_ERROR = 1e-5, 0.1
 
 
 def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
@@ -137,8 +140,17 @@ class TilingSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputSpec:
-    """How cubes are stored. ``chunk`` is the spatial chunk side; all 31 bands share a chunk."""
+    """How cubes are stored. ``chunk`` is the spatial chunk side; all 31 bands share a chunk.
 
+    max_error: > 0 stores the cube error-bounded (README "Error-bounded cubes"): every decoded value is
+      within ``max_error`` (absolute, the cube's units) of the model's float32 output, guaranteed; it
+      decodes as float32 and ``dtype``/``compressor``/``level`` do not apply. ``0``: ``dtype`` rounding
+      (float16 by default) with ``compressor`` at ``level``.
+    """
+
+    # 5e-4 is float16's rounding at 1.0, at a quarter of float16's bytes and 5x its encode speed
+    # (benchmarks/bench_output.py, README "Error-bounded cubes").
+    max_error: float = 5e-4
     dtype: str = "float16"
     chunk: int = 256
     # blosc-zstd (byte shuffle) level 3: 23% fewer bytes than plain zstd-3 on float16 cubes and faster
@@ -165,6 +177,13 @@ class OutputSpec:
             "must be zstd, blosc-zstd, blosc-lz4, gzip or none",
         )
         _check(0 <= self.level <= 22, "output_options", "level", self.level, "must be in 0..22")
+        _check(
+            self.max_error == 0 or MIN_MAX_ERROR <= self.max_error <= MAX_MAX_ERROR,
+            "output_options",
+            "max_error",
+            self.max_error,
+            f"must be 0 (no error bound: dtype rounding) or in [{MIN_MAX_ERROR:g}, {MAX_MAX_ERROR:g}]",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -274,6 +274,7 @@ class Predictor:
 
         self.ctx = ctx
         torch.set_num_threads(_torch_threads(num_cpus))
+        self._encode_threads = _torch_threads(num_cpus)  # chunk encoding (cubes.write_regions) uses the same CPUs
         self.device = select_device(device or ctx.spec.inference.device)
         self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
         if self._heap_bounded:
@@ -302,7 +303,10 @@ class Predictor:
             outputs = self._compute_batch(scale, tiles, windows)
             t1, c1 = time.perf_counter(), time.thread_time()
         cubes.write_regions(
-            self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)]
+            self.store,
+            group,
+            [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)],
+            threads=self._encode_threads,
         )
         if not self._heap_bounded:
             with self._count_lock:
