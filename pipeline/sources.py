@@ -24,6 +24,13 @@ directory named like an image (``photo.jpg/``)         rejected: ``directory nam
 other directories                                      ignored (structure, not input)
 regular file with an archive extension                 rejected: ``nested archive (not recursed)``
 encrypted zip member                                   rejected: ``encrypted zip member``
+``.avif``, ``.heic`` ... (not converted)               rejected: ``unsupported image format``
+declared size over ``MAX_MEMBER_BYTES`` (256 MiB)      rejected: ``... over the ... byte limit`` (from the header,
+                                                       nothing read; reads also stop at the declared size)
+tar member whose data runs past the end of the file    rejected: ``runs past the end of the archive``
+a tar broken part-way (truncated, corrupt header)      the entries before it kept; one rejection naming the
+                                                       archive (``corrupt or truncated tar after entry N``)
+zip entries sharing bytes (overlapping-entry bomb)     the archive fails: ``overlapping zip entries``
 any other regular file (``.txt``, ``.json`` ...)       rejected: ``not an image extension``
 =====================================================  =====================================================
 

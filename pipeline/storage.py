@@ -30,7 +30,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import ConfigError, PipelineError, StorageError
+from pipeline.errors import ConfigError, StorageError
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -314,6 +314,9 @@ def check_storage_section(ref: Mapping[str, Any]) -> None:
     unknown = sorted(set(ref) - _REF_FIELDS)
     if unknown:
         raise ConfigError(f"storage section has unknown field(s) {unknown}; allowed: {sorted(_REF_FIELDS)}")
+    for field in ("connect_timeout", "read_timeout", "deadline_s"):
+        if ref.get(field) is not None:
+            _seconds(ref, field)
 
 
 def check_url(url: str, field: str) -> None:
@@ -588,7 +591,7 @@ def check_reachable(url: str, storage_options: Mapping[str, Any] | None, *, dead
             f"(storage.deadline_s); check storage.endpoint_url / AWS_ENDPOINT_URL"
         )
     error = result.get("error")
-    if isinstance(error, PipelineError):
+    if isinstance(error, ConfigError):
         raise error
     if isinstance(error, FileNotFoundError):
         raise ConfigError(f"{role} {redact(url)!r}: the bucket does not exist; create it first") from error
@@ -611,17 +614,19 @@ def _probe_options(protocol: str, storage_options: Mapping[str, Any] | None) -> 
 
 def _probe(url: str, options: Mapping[str, Any], *, output: bool) -> None:
     fs, path = open_fs(url, options)
-    with storage_errors(f"contact {url}"):
-        if _protocol(url) in _S3_PROTOCOLS:
-            bucket = path.split("/", 1)[0]
+    if _protocol(url) in _S3_PROTOCOLS:
+        bucket = path.split("/", 1)[0]
+        try:
             fs.info(bucket)  # FileNotFoundError when the bucket is missing
-            if output and path.strip("/") != bucket and fs.isfile(path):
-                raise ConfigError(f"output {redact(url)!r} is an existing object; the output must be a prefix")
-        elif output:
-            if fs.isfile(path):
-                raise ConfigError(f"output {redact(url)!r} is an existing file; the output must be a folder or prefix")
-        else:
-            fs.exists(path)
+        except PermissionError:
+            return  # the store answered; a role allowed only some prefixes may still do the job
+        if output and path.strip("/") != bucket and fs.isfile(path):
+            raise ConfigError(f"output {redact(url)!r} is an existing object; the output must be a prefix")
+    elif output:
+        if fs.isfile(path):
+            raise ConfigError(f"output {redact(url)!r} is an existing file; the output must be a folder or prefix")
+    else:
+        fs.exists(path)
 
 
 # --------------------------------------------------------------------------------------------- errors
