@@ -261,10 +261,22 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_MAX_ERROR_CHARS = 600
+
+
 def describe_error(exc: BaseException) -> str:
-    """One-line, secret-free description of ``exc`` for manifest rows and log lines."""
-    text = redact(exc)
-    return " ".join(text.split())
+    """One-line, secret-free description of ``exc`` for manifest rows and log lines.
+
+    An error that wraps another raised elsewhere (Ray's task errors carry the remote traceback, coloured,
+    in their text, and the original as ``cause``) is described by that original; ANSI escapes are removed
+    and the line is cut at 600 characters.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = " ".join(_ANSI.sub("", redact(exc)).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
 
 
 class RedactingFilter(logging.Filter):

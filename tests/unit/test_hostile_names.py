@@ -145,3 +145,15 @@ def test_weights_checked_against_the_job(tmp_path) -> None:  # type: ignore[no-u
         check_config_for_job({"in_channels": 4, "out_channels": 31}, "w.pt")
     with pytest.raises(CheckpointError, match="gives 16 bands"):
         check_config_for_job({"in_channels": 3, "out_channels": 16}, "w.pt")
+
+
+def test_errors_wrapping_a_remote_traceback_are_one_clean_line() -> None:
+    class RemoteError(Exception):  # the shape of ray.exceptions.RayTaskError: coloured traceback + cause
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("\x1b[36mray::Actor.run()\x1b[39m\nTraceback (most recent call last):\n  File ...\n" * 40)
+            self.cause = cause
+
+    text = storage.describe_error(RemoteError(ValueError("weights w.pt: expected 3 channels")))
+    assert text == "ValueError: weights w.pt: expected 3 channels"
+    long = storage.describe_error(RuntimeError("\x1b[31mx\x1b[0m " * 1000))
+    assert "\x1b" not in long and "\n" not in long and len(long) <= 600
