@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["Weights", "BANDS_NM", "NTIRE2022_CONFIG", "authors_ntire2022", "default_weights", "untrained_demo_weights"]
+__all__ = [
+    "Weights",
+    "BANDS_NM",
+    "check_config_for_job",
+    "NTIRE2022_CONFIG",
+    "authors_ntire2022",
+    "default_weights",
+    "untrained_demo_weights",
+]
 
 BANDS_NM: tuple[int, ...] = tuple(range(400, 701, 10))
 """Centre wavelengths of the 31 output bands in nm (ARAD_1K: 400–700 nm, 10 nm steps)."""
@@ -73,6 +81,17 @@ class Weights:
                 f"Weights.bands_nm has {len(self.bands_nm)} bands but config.out_channels is {self.config.get('out_channels')}"
             )
 
+    def check_job(self, *, in_channels: int = 3, bands_nm: tuple[int, ...] = BANDS_NM) -> None:
+        """:func:`check_config_for_job` on these weights, and their band centres against ``bands_nm``."""
+        check_config_for_job(self.config, self.url or self.name, in_channels=in_channels, bands=len(bands_nm))
+        if tuple(self.bands_nm) != tuple(bands_nm):
+            from drcr_model.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"weights {self.url or self.name}: band centres {list(self.bands_nm)} nm differ from the job's "
+                f"{bands_nm[0]}-{bands_nm[-1]} nm"
+            )
+
     def load(
         self, *, device: str | torch.device | None = None, storage_options: Mapping[str, Any] | None = None
     ) -> torch.nn.Module:
@@ -101,6 +120,27 @@ class Weights:
         if "bands_nm" in d:
             d["bands_nm"] = tuple(d["bands_nm"])
         return cls(**d)
+
+
+def check_config_for_job(config: Mapping[str, int], where: str, *, in_channels: int = 3, bands: int = 31) -> None:
+    """Refuse a model configuration that does not turn ``in_channels``-channel images into ``bands`` bands.
+
+    Called when a job resolves its weights, so a 4-channel checkpoint fails the job at once with one line
+    instead of every image with a traceback from the first convolution.
+
+    Raises:
+        CheckpointError: naming the weights, what they take or give, and what the job needs.
+    """
+    from drcr_model.checkpoint import CheckpointError
+
+    got_in, got_out = int(config.get("in_channels", 3)), int(config.get("out_channels", 31))
+    if got_in != in_channels:
+        raise CheckpointError(
+            f"weights {where}: the model takes {got_in} input channels, but the job gives {in_channels} (RGB); "
+            f"use RGB-to-spectral DRCR weights"
+        )
+    if got_out != bands:
+        raise CheckpointError(f"weights {where}: the model gives {got_out} bands, but the job needs {bands}")
 
 
 def authors_ntire2022(url: str, *, sha256: str | None = None) -> Weights:

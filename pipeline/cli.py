@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -69,13 +70,31 @@ def effective_spec(args: argparse.Namespace) -> JobSpec:
     return JobSpec.from_dict(base).with_overrides(overrides)
 
 
+def _check_storage(spec: JobSpec) -> None:
+    """First contact with every store the job uses, before Ray starts: a missing bucket, an output that is a
+    file, or an endpoint that refuses or never answers is one line and exit 1, within storage.deadline_s."""
+    from pipeline import storage
+
+    opts = storage.resolve_storage_options(spec.storage)
+    deadline = storage.deadline_of(spec.storage)
+    storage.check_reachable(spec.output, opts, deadline_s=deadline, output=True)
+    for url in spec.inputs:
+        storage.check_reachable(url, opts, deadline_s=deadline, output=False)
+
+
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    spec = effective_spec(args)
+    _check_storage(spec)
+    address = args.address or spec.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        # Ray reads this once, when ray is imported: with "0" a local Ray stays on the loopback address it
+        # is given instead of resolving 127.0.0.1 to the host's routable address (issue 15, item 15).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from pipeline.execution import init_ray, run_job
 
-    spec = effective_spec(args)
-    init_ray(args.address or spec.ray.address, num_cpus=args.num_cpus)
+    init_ray(address, num_cpus=args.num_cpus)
     bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
 
     def progress(event: str, n: int) -> None:
@@ -100,33 +119,55 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_INPUTS_FAILED if summary.failed else EXIT_OK
 
 
+def _configure_logging(verbose: int) -> None:
+    """Log to stderr at WARNING, INFO (-v) or DEBUG (-vv); every record goes through the redacting filter."""
+    from pipeline.storage import RedactingFilter
+
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def _error(exc: BaseException) -> int:
+    """One line on stderr, no traceback, no secret; exit 1."""
+    from pipeline.storage import describe_error
+
+    print(f"drcr-pipeline: error: {describe_error(exc)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.verbose)
+    from pipeline.storage import client_error_types
+
+    anticipated: tuple[type[BaseException], ...] = (PipelineError, ValueError, OSError, *client_error_types())
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "show-spec":
-            print(effective_spec(args).to_toml(), end="")
-            return EXIT_OK
-        if args.command == "make-sample":
-            from pipeline.sample import make_sample
+        return _dispatch(args)
+    except anticipated as exc:
+        # ValueError: CheckpointError and argument errors of the model package; OSError: files and
+        # storage (missing, forbidden, unreachable). Anything else is a bug and keeps its traceback.
+        return _error(exc)
+    except KeyboardInterrupt:
+        print("drcr-pipeline: interrupted", file=sys.stderr)
+        return 130
 
-            for path in make_sample(args.dest, count=args.count, seed=args.seed):
-                print(path)
-            return EXIT_OK
-    except PipelineError as exc:
-        from pipeline.storage import describe_error
 
-        print(f"drcr-pipeline: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except ValueError as exc:  # CheckpointError and other argument errors from the model package
-        from pipeline.storage import describe_error
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "show-spec":
+        print(effective_spec(args).to_toml(), end="")
+        return EXIT_OK
+    if args.command == "make-sample":
+        from pipeline.sample import make_sample
 
-        print(f"drcr-pipeline: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        for path in make_sample(args.dest, count=args.count, seed=args.seed):
+            print(path)
+        return EXIT_OK
     return EXIT_ERROR
 
 

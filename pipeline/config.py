@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from pipeline.errors import ConfigError
-from pipeline.storage import check_storage_section
+from pipeline.storage import check_storage_section, check_url
 
 __all__ = [
     "WeightsSpec",
@@ -176,7 +177,11 @@ class OutputSpec:
             self.compressor,
             "must be zstd, blosc-zstd, blosc-lz4, gzip or none",
         )
-        _check(0 <= self.level <= 22, "output_options", "level", self.level, "must be in 0..22")
+        # blosc and gzip stop at 9: a higher level would be used as 9 yet recorded as given.
+        top = 22 if self.compressor in ("zstd", "none") else 9
+        _check(
+            0 <= self.level <= top, "output_options", "level", self.level, f"must be in 0..{top} for {self.compressor}"
+        )
         _check(
             self.max_error == 0 or MIN_MAX_ERROR <= self.max_error <= MAX_MAX_ERROR,
             "output_options",
@@ -255,6 +260,10 @@ class JobSpec:
             self.tiling.tile_core,
             f"must be a multiple of output_options.chunk ({self.output_options.chunk}) so no two tiles share a chunk",
         )
+        for i, url in enumerate(self.inputs):
+            check_url(url, f"inputs[{i}]")
+        check_url(self.output, "output")
+        check_url(self.weights.path, "weights.path")
         check_storage_section(self.storage)
         object.__setattr__(self, "storage", dict(self.storage))
 
@@ -287,7 +296,14 @@ class JobSpec:
                     raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
                 kwargs[key] = _build(sections[key], key, value)
             elif key == "inputs":
-                kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
+                items = [value] if isinstance(value, str) else value
+                if not isinstance(items, (list, tuple)) or not all(isinstance(u, str) for u in items):
+                    raise ConfigError(f"inputs = {value!r}: expected a list of URL strings")
+                kwargs[key] = tuple(items)
+            elif key in ("name", "output") and not isinstance(value, str):
+                raise ConfigError(f"{key} = {value!r}: expected str, got {type(value).__name__}")
+            elif key == "storage" and not isinstance(value, Mapping):
+                raise ConfigError(f"[storage] must be a table, got {type(value).__name__}")
             else:
                 kwargs[key] = value
         return cls(**kwargs)
@@ -322,22 +338,26 @@ def _build(cls: type[T], section: str, values: Mapping[str, Any]) -> T:
     unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"[{section}] unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
-    kwargs = {}
-    for k, v in values.items():
-        want = fields[k].type
-        try:
-            if want in ("int", int) and not isinstance(v, bool):
-                v = int(v)
-            elif want in ("float", float):
-                v = float(v)
-            elif want in ("bool", bool) and isinstance(v, str):
-                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(v)
-                v = v.lower() in ("true", "1", "yes")
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{section}.{k} = {v!r}: expected {want}") from exc
-        kwargs[k] = v
+    kwargs = {k: _typed(section, k, fields[k].type, v) for k, v in values.items()}
     return cls(**kwargs)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _typed(section: str, name: str, want: Any, value: Any) -> Any:
+    """``value`` if it has the field's type, else a ConfigError: no silent coercion (``1.9`` is not an int,
+    ``"yes"`` not a bool, ``true`` not a number). Ints are accepted for floats (``halo = 2`` in TOML)."""
+    key = want if isinstance(want, str) else getattr(want, "__name__", str(want))
+    allowed = _TYPES.get(key)
+    if allowed is None:
+        return value
+    ok = isinstance(value, allowed) and (key == "bool" or not isinstance(value, bool))
+    if ok and key == "float" and not math.isfinite(value):
+        raise ConfigError(f"{section}.{name} = {value!r}: must be a finite number")
+    if not ok:
+        raise ConfigError(f"{section}.{name} = {value!r}: expected {key}, got {type(value).__name__} (no conversion)")
+    return float(value) if key == "float" else value
 
 
 def load_spec(path_or_text: str, *, is_text: bool = False) -> JobSpec:

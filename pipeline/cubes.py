@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 import zarr.codecs.numcodecs
+from anyascii import anyascii
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -43,12 +44,14 @@ from zarr.core.sync import sync
 from pipeline import storage
 from pipeline.config import OutputSpec
 from pipeline.errors import InputError
+from pipeline.errors import GroupCollisionError
 
 __all__ = [
     "CUBES_DIR",
     "ATTR",
     "open_cubes",
     "group_path",
+    "check_owner",
     "sanitize_component",
     "create_cube",
     "write_region",
@@ -72,31 +75,45 @@ def open_cubes(output: str, storage_options: Mapping[str, Any] | None = None, *,
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
+DIGEST_HEX = 16
+"""Hex digits of the input-id digest ending each group name: 64 bits. With 32 bits two member names that
+sanitise alike and share the suffix were found in 0.8 s (issue 15); :func:`check_owner` catches the rest."""
+MAX_COMPONENT = 120
+"""Longest group path component in bytes (file systems allow 255; names are ASCII after sanitising)."""
+
 
 def sanitize_component(name: str) -> str:
-    """One path component → ``[A-Za-z0-9._-]+``: accents stripped, other runs become ``_``; never
-    empty, ``.``/``..`` or starting with ``__`` (reserved by zarr v3)."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    s = _UNSAFE.sub("_", ascii_name).strip("_") or "_"
+    """One path component → ``[A-Za-z0-9._-]+``, readable: non-Latin scripts transliterated (``東京`` →
+    ``DongJing``, anyascii), accents stripped, other runs become ``_``; never empty, ``.``/``..``, hidden
+    (leading ``.``) or starting with ``_`` (``__`` is reserved by zarr v3); at most :data:`MAX_COMPONENT`
+    bytes, a longer one cut and ended with a digest of the whole name so cut names stay apart."""
+    text = anyascii(unicodedata.normalize("NFC", storage.readable(name)))
+    s = _UNSAFE.sub("_", text).strip("_") or "_"
     if set(s) <= {"."}:
         s = s.replace(".", "_")
-    if s.startswith("_"):
+    if s.startswith(("_", ".")):
         s = "x" + s
+    if len(s) > MAX_COMPONENT:
+        s = f"{s[: MAX_COMPONENT - DIGEST_HEX - 1]}-{_digest(name)}"
     return s
 
 
-def group_path(source: str, member: str | None, key: str) -> str:
-    """Deterministic, sanitised group path for an input: ``<source basename>/<member dirs>/<name>-<hash8>``.
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_HEX]
 
-    The 8-hex suffix is the sha1 of ``key`` (the input's unique id), so different inputs never share a
-    group even when their sanitised names collide (duplicate members, unicode names). Components are
-    sanitised one by one and ``..``/absolute parts dropped, so a path can never leave the output prefix.
+
+def group_path(source: str, member: str | None, key: str) -> str:
+    """Deterministic, sanitised group path for an input: ``<source basename>/<member dirs>/<name>-<digest>``.
+
+    The suffix is 64 bits of the sha256 of ``key`` (the input's unique id), so different inputs do not share
+    a group when their sanitised names collide (duplicate members, unicode names); the group records its
+    key and :func:`check_owner` refuses to reuse a group of another input. Components are sanitised one by
+    one and ``..``/absolute parts dropped, so a path can never leave the output prefix.
     """
     parts = [sanitize_component(source.rstrip("/").rsplit("/", 1)[-1])]
     if member is not None:
         parts += [sanitize_component(p) for p in member.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    parts[-1] = f"{parts[-1]}-{digest}"
+    parts[-1] = f"{parts[-1]}-{_digest(key)}"
     return "/".join(parts)
 
 
@@ -311,6 +328,23 @@ def _write_quantised(
     sync(_put(store, items))
 
 
+def check_owner(attrs: Mapping[str, Any] | None, path: str, key: str) -> None:
+    """Refuse to use group ``path`` for input ``key`` when the group records another input's key (a digest
+    collision, or an output prefix shared with an incompatible layout): the other cube is never overwritten.
+
+    Raises:
+        GroupCollisionError: naming both inputs.
+    """
+    record = (attrs or {}).get(ATTR) or {}
+    owner = record.get("source", {}).get("key") if isinstance(record, Mapping) else None
+    mine = storage.readable(storage.redact(key))
+    if owner is not None and owner != mine:
+        raise GroupCollisionError(
+            f"{mine}: group name {path!r} collides with the cube of {owner!r}; not overwriting it "
+            f"(rename one input or use another output prefix)"
+        )
+
+
 def codecs_for(spec: OutputSpec) -> list[Any]:
     """zarr v3 compressors for an output spec."""
     quant = quantiser_for(spec)
@@ -371,7 +405,7 @@ def create_cube(
         attributes={"units": "nm", "long_name": "band centre wavelength"},
     )
     wl[:] = np.asarray(bands_nm, dtype=np.float32)
-    group.attrs.put({ATTR: dict(provenance), "complete": False})
+    group.attrs.put({ATTR: storage.readable_tree(dict(provenance)), "complete": False})
 
 
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:

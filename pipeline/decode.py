@@ -59,10 +59,14 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.errors import DecodeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DecodedImage", "decode_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "DecodedImage", "decode_image"]
 
 # Pillow's own default (Image.MAX_IMAGE_PIXELS, ~ 1024 * 1024 * 1024 // 4 // 3); used if someone set it to None.
 DEFAULT_MAX_PIXELS = 89_478_485
+FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
+"""The only Pillow plugins tried (``Image.open(formats=...)``), those of ``sources.IMAGE_EXTENSIONS``: by
+default Pillow tries every plugin it has, and a ``.png`` holding EPS made it run Ghostscript on archive bytes
+(issue 15). Anything else is "not a recognised image format"."""
 STRIP_PIXELS = 1 << 20
 """Pixels converted at once by :meth:`DecodedImage.max` (transient memory ≈ 2 × 3 bytes × this)."""
 
@@ -178,7 +182,7 @@ def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> De
         pixels: Image.Image | np.ndarray | None = None
         try:
             # Not ``with``: closing a Pillow image frees its pixels, and the loaded image is what is kept.
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_bomb(im, caught, name, limit, max_pixels)
             pixels, bit_depth, mode, orientation = _decode_opened(im, data, name, notes)
             if pixels is im:
@@ -188,7 +192,9 @@ def decode_image(data: bytes, *, name: str, max_pixels: int | None = None) -> De
         except DecodeError:
             raise
         except UnidentifiedImageError as e:
-            raise DecodeError(f"{name}: cannot decode image: not a recognised image format") from e
+            raise DecodeError(
+                f"{name}: cannot decode image: not a recognised image format (tried {', '.join(FORMATS)})"
+            ) from e
         except Image.DecompressionBombError as e:
             raise DecodeError(f"{name}: cannot decode image: decompression bomb ({e})") from e
         except _DECODE_ERRORS as e:
@@ -322,7 +328,7 @@ def _load_rgb16(data: bytes, tile: ImageFile._Tile, rawmodes: tuple[str, str]) -
     """
     out: np.ndarray | None = None
     for rawmode in rawmodes:
-        with Image.open(io.BytesIO(data)) as again:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as again:
             again.tile = [tile._replace(args=rawmode)]
             again.load()
             byte = np.asarray(again, dtype=np.uint8)[..., :3]

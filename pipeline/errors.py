@@ -29,3 +29,7 @@ class ArchiveError(InputError):
 
 class StorageError(PipelineError, OSError):
     """Object storage failed after the storage client's own retries."""
+
+
+class GroupCollisionError(InputError):
+    """Two inputs map to one output group; the second is refused so the first cube is never overwritten."""

@@ -30,7 +30,7 @@ from pipeline.config import JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
-from pipeline.sources import ImageRef, Rejected, expand_inputs, iter_targz, list_members
+from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
 __all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
@@ -138,17 +138,19 @@ def resolve_weights(spec: JobSpec) -> dict[str, Any]:
     """The weights record of a spec (its path, or the package default), with the file's sha256 checked."""
     from drcr_model import Weights
     from drcr_model.checkpoint import extract_state_dict, infer_config, read_checkpoint
-    from drcr_model.weights import default_weights
+    from drcr_model.weights import check_config_for_job, default_weights
 
     opts = storage.resolve_storage_options(spec.storage)
     if spec.weights.path:
         obj, digest = read_checkpoint(spec.weights.path, sha256=spec.weights.sha256 or None, storage_options=opts)
         config = infer_config(extract_state_dict(obj, source=spec.weights.path), source=spec.weights.path)
+        check_config_for_job(config, spec.weights.path)  # 3 channels in, 31 bands out, or the job stops here
         name = os.path.basename(spec.weights.path.rstrip("/")) or "weights"
         w = Weights(name=name, url=spec.weights.path, sha256=digest, config=config, meta={"given_by": "job spec"})
     else:
         w = default_weights()
         _, digest = read_checkpoint(w.url or "", sha256=w.sha256)
+    w.check_job()
     return w.to_record()
 
 
@@ -264,6 +266,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             "lower ray.actors or ray.num_cpus_per_actor (fractions are allowed), or ray.decode_num_cpus"
         )
 
+    # Expanded before anything is written: a mistyped input leaves the output (and its last summary) as it was.
+    found, unconverted = expand(list(spec.inputs), opts)
     store = cubes.open_cubes(spec.output, opts)
     root = cubes.zarr.open_group(store, mode="a")
     root.attrs.update(
@@ -278,10 +282,10 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         }
     )
 
-    rows: dict[str, ManifestRow] = {}
+    rows: dict[str, ManifestRow] = {r.ref.key: _rejected_row(ctx, r) for r in unconverted}  # every file gets a row
     work: collections.deque[Any] = collections.deque()
     listings = []
-    for url, kind in expand_inputs(list(spec.inputs), opts):
+    for url, kind in found:
         if kind == "file":
             work.append(("ref", ImageRef(source=url, member=None, kind="file")))
         elif kind == "targz":

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import open_fs
+from pipeline.storage import open_fs, readable
 
 __all__ = ["ManifestRow", "SCHEMA", "write_manifest", "read_manifest", "STATUSES"]
 
@@ -73,7 +73,9 @@ def _table(rows: Sequence[ManifestRow]) -> pa.Table:
     cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
     for row in sorted(rows, key=lambda r: r.input):
         for name in cols:
-            cols[name].append(getattr(row, name))
+            value = getattr(row, name)
+            # Names that were not UTF-8 (surrogate escapes) cannot go into Parquet strings: record them readable.
+            cols[name].append(readable(value) if isinstance(value, str) else value)
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 

@@ -24,6 +24,13 @@ directory named like an image (``photo.jpg/``)         rejected: ``directory nam
 other directories                                      ignored (structure, not input)
 regular file with an archive extension                 rejected: ``nested archive (not recursed)``
 encrypted zip member                                   rejected: ``encrypted zip member``
+``.avif``, ``.heic`` ... (not converted)               rejected: ``unsupported image format``
+declared size over ``MAX_MEMBER_BYTES`` (256 MiB)      rejected: ``... over the ... byte limit`` (from the header,
+                                                       nothing read; reads also stop at the declared size)
+tar member whose data runs past the end of the file    rejected: ``runs past the end of the archive``
+a tar broken part-way (truncated, corrupt header)      the entries before it kept; one rejection naming the
+                                                       archive (``corrupt or truncated tar after entry N``)
+zip entries sharing bytes (overlapping-entry bomb)     the archive fails: ``overlapping zip entries``
 any other regular file (``.txt``, ``.json`` ...)       rejected: ``not an image extension``
 =====================================================  =====================================================
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import posixpath
 import re
 import stat
@@ -48,6 +56,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import ArchiveError, InputError
 from pipeline.storage import open_fs
@@ -58,6 +67,9 @@ __all__ = [
     "ImageRef",
     "Kind",
     "Rejected",
+    "MAX_MEMBER_BYTES",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "expand",
     "expand_inputs",
     "iter_targz",
     "kind_of",
@@ -70,6 +82,14 @@ logger = logging.getLogger(__name__)
 Kind = Literal["file", "tar", "zip", "targz"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+#: Image formats recognised but not converted (``failed``: the user likely meant them as input).
+UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".ico", ".ppm", ".pgm", ".pbm", ".tga"}
+    | {".exr", ".hdr", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".eps", ".pdf"}
+)
+#: Largest member or file read, in bytes (declared size, then a bounded read). Decoding needs a few times
+#: this in memory; a 1 MB zip declaring a 1 GiB member took a task to 2.2 GB before (issue 15).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # Longest suffix first, so ".tar.gz" wins over ".gz".
 ARCHIVE_SUFFIXES: tuple[tuple[str, Kind], ...] = (
     (".tar.gz", "targz"),
@@ -140,11 +160,21 @@ def kind_of(name: str) -> Kind | None:
 
 
 def expand_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, Kind]]:
-    """Expand input URLs into sorted, de-duplicated ``(url, kind)`` pairs.
+    """The images and archives of :func:`expand` (without the files it accounts for but does not convert)."""
+    return expand(urls, storage_options)[0]
 
-    Each URL may be an image file, an archive, a prefix/directory (listed recursively; files that are neither
-    images nor archives are ignored) or a glob (``s3://bucket/batch-*/*.tar``). The protocol is kept in the
-    returned URLs; local inputs given without a protocol come back as plain paths.
+
+def expand(
+    urls: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[tuple[str, Kind]], list[Rejected]]:
+    """Expand input URLs into sorted, de-duplicated ``(url, kind)`` pairs, and the files found but not converted.
+
+    Each URL may be an image file, an archive, a prefix/directory (listed recursively) or a glob
+    (``s3://bucket/batch-*/*.tar``). The protocol is kept in the returned URLs; local inputs given without a
+    protocol come back as plain paths. Every file under a prefix is accounted for: one that is neither image
+    nor archive is a :class:`Rejected` (``not an image extension``, or ``unsupported image format`` for
+    ``.avif``, ``.heic`` ...). In a local folder, symbolic links are never followed out of it (rejected:
+    ``symbolic link out of the input folder``) and linked folders are not descended.
 
     Raises:
         InputError: a URL matches nothing, or names a file that is neither an image nor an archive.
@@ -152,20 +182,17 @@ def expand_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None
     if isinstance(urls, str):
         raise TypeError("urls must be a sequence of URLs, not a single string; wrap it in a list")
     found: dict[str, Kind] = {}
+    rejected: dict[str, Rejected] = {}
     for url in urls:
         fs, path = open_fs(url, storage_options)
         with_protocol = "://" in url
         if _GLOB_CHARS.search(path):
-            candidates: list[str] = []
+            files: list[tuple[str, str | None]] = []
             for match in fs.glob(path):
-                candidates.extend(_walk(fs, match))
-            matched = {_to_url(fs, p, with_protocol): k for p in candidates if (k := kind_of(p)) is not None}
-            if not matched:
-                raise InputError(f"input {url!r}: the glob matches no images or archives")
+                files.extend(_walk(fs, match))
+            what = "the glob matches"
         elif fs.isdir(path):
-            matched = {_to_url(fs, p, with_protocol): k for p in _walk(fs, path) if (k := kind_of(p)) is not None}
-            if not matched:
-                raise InputError(f"input {url!r}: the prefix holds no images or archives")
+            files, what = _walk(fs, path), "the prefix holds"
         elif fs.isfile(path):
             kind = kind_of(path)
             if kind is None:
@@ -173,11 +200,29 @@ def expand_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None
                     f"input {url!r} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor an archive "
                     f"({', '.join(s for s, _ in ARCHIVE_SUFFIXES)}); rename it or pass its folder"
                 )
-            matched = {_to_url(fs, path, with_protocol): kind}
+            files, what = [(path, None)], ""
         else:
             raise InputError(f"input {url!r} matches nothing (no such file, prefix or glob match)")
-        found.update(matched)
-    return sorted(found.items())
+        matched = 0
+        for p, problem in files:
+            file_url = _to_url(fs, p, with_protocol)
+            kind = kind_of(p) if problem is None else None
+            if kind is not None:
+                found[file_url] = kind
+                matched += 1
+            else:
+                ref = ImageRef(source=file_url, member=None, kind="file")
+                rejected[file_url] = Rejected(ref, problem or _file_reason(p))
+        if not matched:
+            raise InputError(f"input {url!r}: {what} no images or archives")
+    return sorted(found.items()), [rejected[k] for k in sorted(rejected) if k not in found]
+
+
+def _file_reason(path: str) -> str:
+    ext = posixpath.splitext(path.lower())[1]
+    if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported image format ({ext}); supported: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+    return "not an image extension"
 
 
 def _to_url(fs: AbstractFileSystem, path: str, with_protocol: bool) -> str:
@@ -185,11 +230,37 @@ def _to_url(fs: AbstractFileSystem, path: str, with_protocol: bool) -> str:
     return fs.unstrip_protocol(path) if with_protocol else path
 
 
-def _walk(fs: AbstractFileSystem, path: str) -> list[str]:
-    """Files under ``path`` (recursively) if it is a directory, else ``[path]``."""
+def _walk(fs: AbstractFileSystem, path: str) -> list[tuple[str, str | None]]:
+    """``(file, None)`` for each file under ``path`` (recursively) if it is a directory, else ``[(path, None)]``;
+    ``(link, reason)`` for symbolic links of a local folder that are not followed."""
+    if isinstance(fs, LocalFileSystem) and os.path.isdir(path):
+        return _walk_local(path)
     if fs.isdir(path):
-        return list(fs.find(path))
-    return [path]
+        return [(p, None) for p in fs.find(path)]
+    return [(path, None)]
+
+
+def _walk_local(root: str) -> list[tuple[str, str | None]]:
+    """A local folder's files without following links out of it: ``os.walk`` does not descend linked
+    folders, and a linked file is kept only when its target is inside ``root``."""
+    top = os.path.realpath(root)
+    out: list[tuple[str, str | None]] = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]):
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                out.append((p, None))
+                continue
+            target = os.path.realpath(p)
+            if os.path.commonpath([top, target]) != top:
+                out.append((p, "symbolic link out of the input folder (not followed)"))
+            elif os.path.isdir(target):
+                out.append((p, "symbolic link to a folder (not followed)"))
+            elif os.path.isfile(target):
+                out.append((p, None))
+            else:
+                out.append((p, "broken symbolic link"))
+    return out
 
 
 def list_members(
@@ -236,6 +307,9 @@ def read_member(ref: ImageRef, storage_options: Mapping[str, Any] | None = None)
     """
     fs, path = open_fs(ref.source, storage_options)
     try:
+        size = fs.size(path) if ref.kind == "file" else ref.size
+        if (too_big := _size_reason(size)) is not None:
+            raise ArchiveError(f"{ref.name}: {too_big}")
         if ref.kind == "file":
             return bytes(fs.cat_file(path))
         if ref.kind == "tar":
@@ -306,6 +380,8 @@ def _reason(name: str, *, is_dir: bool, is_file: bool, special: str | None) -> s
         return "not a regular file"
     if lower.endswith(_NESTED_ARCHIVE_SUFFIXES):
         return "nested archive (not recursed)"
+    if posixpath.splitext(lower)[1] in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return _file_reason(lower)
     if posixpath.splitext(lower)[1] not in IMAGE_EXTENSIONS:
         return "not an image extension"
     return None
@@ -328,23 +404,46 @@ def _tar_reason(info: tarfile.TarInfo) -> tuple[bool, str | None]:
 
 
 def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
+    """The tar's entries up to its end, or up to a break (truncation, a corrupt header): the entries before a
+    break are kept and the break is one more :class:`Rejected` naming the archive itself."""
+    entries: list[tuple[ImageRef, tuple[bool, str | None]]] = []
+    broken: str | None = None
     try:
         # Seekable "r:" mode: tarfile seeks over member data, so only headers are fetched.
         with (
             fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f,
             tarfile.open(fileobj=f, mode="r:") as tf,
         ):
-            return _partition(
-                (
-                    ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index),
-                    _tar_reason(info),
+            total = getattr(f, "size", None)
+            try:
+                for index, info in enumerate(tf):
+                    ref = ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index)
+                    keep, reason = _tar_reason(info)
+                    if reason is None and isinstance(total, int) and info.offset_data + info.size > total:
+                        reason = f"member data ({info.size} bytes) runs past the end of the archive (truncated)"
+                    entries.append((ref, (keep, reason)))
+            except (tarfile.TarError, EOFError) as e:
+                if not entries:
+                    raise
+                broken = (
+                    f"archive {url!r}: corrupt or truncated tar after entry {len(entries) - 1} ({e}); "
+                    "the entries before it are kept"
                 )
-                for index, info in enumerate(tf)
-            )
     except FileNotFoundError as e:
         raise InputError(f"archive {url!r} does not exist") from e
     except (tarfile.TarError, EOFError) as e:
         raise ArchiveError(f"archive {url!r}: corrupt or truncated tar ({e})") from e
+    images, rejected = _partition(entries)
+    if broken is not None:
+        rejected.append(Rejected(ImageRef(url, None, "tar"), broken))
+    return images, rejected
+
+
+def _size_reason(size: int | None) -> str | None:
+    """Why an image of ``size`` bytes is not read (declared size over :data:`MAX_MEMBER_BYTES`), or None."""
+    if size is not None and size > MAX_MEMBER_BYTES:
+        return f"{size} bytes, over the {MAX_MEMBER_BYTES} byte limit for one image (sources.MAX_MEMBER_BYTES)"
+    return None
 
 
 def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> tuple[list[ImageRef], list[Rejected]]:
@@ -354,6 +453,7 @@ def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> t
     for ref, (keep, reason) in entries:
         if not keep:
             continue
+        reason = reason or _size_reason(ref.size)
         if reason is None:
             images.append(ref)
         else:
@@ -375,6 +475,7 @@ def _scan_targz(
                 if not keep:
                     continue
                 ref = ImageRef(url, info.name, "targz", size=info.size, index=index)
+                reason = reason or _size_reason(info.size)
                 data = None
                 if reason is None and (want == "images" or want == index):
                     member = tf.extractfile(info)
@@ -422,6 +523,7 @@ def _open_zip(f: IO[bytes], url: str) -> zipfile.ZipFile:
 def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
     try:
         with fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f, _open_zip(f, url) as zf:
+            _refuse_overlaps(zf, url)
             return _partition(
                 (ImageRef(url, info.filename, "zip", size=info.file_size, index=index), _zip_reason(info))
                 for index, info in enumerate(zf.infolist())
@@ -430,13 +532,30 @@ def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
         raise InputError(f"archive {url!r} does not exist") from e
 
 
+def _refuse_overlaps(zf: zipfile.ZipFile, url: str) -> None:
+    """Refuse a zip whose entries share bytes (the overlapping-entries zip bomb: 20 entries of 1 GiB over one
+    deflate block). Each entry needs at least its 30-byte local header and its compressed data before the
+    next entry, and the last one before the central directory."""
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    ends = [(i.header_offset + 30 + i.compress_size, i) for i in infos]
+    limits = [(j.header_offset, j.filename) for j in infos[1:]] + [(zf.start_dir, "the central directory")]
+    for (end, info), (start, other) in zip(ends, limits):  # no entries: nothing to check
+        if end > start:
+            raise ArchiveError(
+                f"archive {url!r}: overlapping zip entries ({info.filename!r} runs into {other}); a zip whose "
+                f"entries share data is refused (zip bomb)"
+            )
+
+
 def _read_zip_member(fs: AbstractFileSystem, path: str, ref: ImageRef) -> bytes:
     try:
         with fs.open(path, "rb") as f, _open_zip(f, ref.source) as zf:
             infos = zf.infolist()
             if ref.index >= len(infos) or infos[ref.index].filename != ref.member:
                 raise ArchiveError(f"{ref.name}: archive changed since listing (no such member at entry {ref.index})")
-            return zf.read(infos[ref.index])
+            if (too_big := _size_reason(infos[ref.index].file_size)) is not None:
+                raise ArchiveError(f"{ref.name}: {too_big}")
+            return zf.read(infos[ref.index])  # zipfile stops at the declared size and checks the CRC
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
         # RuntimeError: encrypted member; NotImplementedError: unsupported compression method.
         raise ArchiveError(f"{ref.name}: cannot read zip member ({e})") from e

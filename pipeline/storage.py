@@ -35,11 +35,18 @@ from pipeline.errors import ConfigError, StorageError
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_RETRY_MODE",
+    "RedactingFilter",
+    "check_reachable",
+    "check_url",
+    "client_error_types",
+    "deadline_of",
     "describe_error",
     "join",
     "open_fs",
     "open_store",
     "read_bytes",
+    "readable",
+    "readable_tree",
     "redact",
     "register_secret",
     "resolve_storage_options",
@@ -60,9 +67,17 @@ DEFAULT_RETRY_MODE = "standard"
 #: that change (rclone serve s3, older MinIO/Ceph) reject or mis-validate them; "when_required" restores
 #: the old behaviour and costs nothing on AWS.
 DEFAULT_CHECKSUM_POLICY = "when_required"
+#: Seconds to open a connection, and to wait for each read of a response (botocore's own defaults are 60 s
+#: each). A refused or black-holed endpoint then costs attempts × these, not minutes per request.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
+#: Seconds the first contact with each storage endpoint may take, retries included (``storage.deadline_s``):
+#: a job whose endpoint refuses or never answers fails with one line instead of retrying for minutes.
+DEFAULT_DEADLINE_S = 20.0
 
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_HTTP_PROTOCOLS = frozenset({"http", "https"})
 _RETRY_MODES = frozenset({"standard", "adaptive", "legacy"})
 _CHECKSUM_POLICIES = frozenset({"when_required", "when_supported"})
 
@@ -82,6 +97,7 @@ _REF_FIELDS = frozenset(
         "checksum",
         "connect_timeout",
         "read_timeout",
+        "deadline_s",
     }
 )
 
@@ -147,7 +163,7 @@ _key_alternation = "|".join(sorted((re.escape(k) for k in _TEXT_KEYS), key=len, 
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/\s@'\"]+)@")
 # key=value, key: value, 'key': 'value', "key": "value", Credential=..., X-Amz-Signature=...
 _KEY_VALUE = re.compile(
-    rf"(?P<name>(?<![A-Za-z0-9_\-])(?:{_key_alternation}))(?P<q1>['\"]?)(?P<sep>\s*[=:]\s*)(?P<q2>['\"]?)"
+    rf"(?P<name>(?<![A-Za-z0-9_\-])(?:{_key_alternation}))(?P<q1>['\"]?)(?P<sep>\s*[=:]\s*)(?P<q2>b?['\"]?)"
     r"(?P<value>[^\s'\",;&}\])]+)",
     re.IGNORECASE,
 )
@@ -182,7 +198,36 @@ def _is_secret_key(name: object) -> bool:
     return low in _SECRET_KEYS or low.endswith(("_secret", "_token", "_password", "secret_access_key"))
 
 
+def readable(text: str) -> str:
+    """``text`` as valid Unicode, for anything recorded or shown: bytes of a name that were not UTF-8 (Python
+    keeps them as surrogate escapes, e.g. the latin-1 tar member ``caf\\xe9.png``) become ``\\xe9``.
+
+    The raw name stays in :class:`~pipeline.sources.ImageRef` for reading; only its records use this.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def readable_tree(obj: Any) -> Any:
+    """:func:`readable` applied to every string (keys too) of a JSON-like tree."""
+    if isinstance(obj, str):
+        return readable(obj)
+    if isinstance(obj, Mapping):
+        return {readable_tree(k): readable_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [readable_tree(v) for v in obj]
+    return obj
+
+
 def _redact_text(text: str) -> str:
+    text = readable(text)
     for value in _secret_values():
         if value in text:
             text = text.replace(value, _MASK)
@@ -216,10 +261,42 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_MAX_ERROR_CHARS = 600
+
+
 def describe_error(exc: BaseException) -> str:
-    """One-line, secret-free description of ``exc`` for manifest rows and log lines."""
-    text = redact(exc)
-    return " ".join(text.split())
+    """One-line, secret-free description of ``exc`` for manifest rows and log lines.
+
+    An error that wraps another raised elsewhere (Ray's task errors carry the remote traceback, coloured,
+    in their text, and the original as ``cause``) is described by that original; ANSI escapes are removed
+    and the line is cut at 600 characters.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = " ".join(_ANSI.sub("", redact(exc)).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts every record a handler emits (message, arguments, traceback, stack), whoever logged it:
+    botocore's, s3fs's and urllib3's debug lines print headers, signatures and credentials. The CLI
+    installs one on each handler it configures."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's malformed %-format: keep its raw text
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -249,6 +326,19 @@ def check_storage_section(ref: Mapping[str, Any]) -> None:
     unknown = sorted(set(ref) - _REF_FIELDS)
     if unknown:
         raise ConfigError(f"storage section has unknown field(s) {unknown}; allowed: {sorted(_REF_FIELDS)}")
+    for field in ("connect_timeout", "read_timeout", "deadline_s"):
+        if ref.get(field) is not None:
+            _seconds(ref, field)
+
+
+def check_url(url: str, field: str) -> None:
+    """Refuse a URL with user-info (``s3://KEY:SECRET@bucket/x``): secrets never sit in URLs, which end up in
+    logs, manifests and provenance. The message shows the URL with the user-info masked."""
+    if _URL_USERINFO.match(url.strip()):
+        raise ConfigError(
+            f"{field} {redact(url)!r} carries credentials in the URL (user-info before '@'); remove them and "
+            f"name the environment variables that hold them in [storage] key_env / secret_env"
+        )
 
 
 def resolve_storage_options(ref: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -322,12 +412,24 @@ def resolve_storage_options(ref: Mapping[str, Any] | None, environ: Mapping[str,
     }
     for field in ("connect_timeout", "read_timeout"):
         if ref.get(field) is not None:
-            t = ref[field]
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-                raise ConfigError(f"storage.{field} must be a positive number of seconds, got {t!r}")
-            config_kwargs[field] = t
+            config_kwargs[field] = _seconds(ref, field)
+    deadline_of(ref)  # validated here, used by check_reachable
     opts["config_kwargs"] = config_kwargs
     return opts
+
+
+def _seconds(ref: Mapping[str, Any], field: str) -> float:
+    t = ref[field]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 86400:
+        raise ConfigError(f"storage.{field} must be a positive number of seconds (< 1 day), got {t!r}")
+    return float(t)
+
+
+def deadline_of(ref: Mapping[str, Any] | None) -> float:
+    """The spec's ``storage.deadline_s`` (seconds), or :data:`DEFAULT_DEADLINE_S`."""
+    if not ref or ref.get("deadline_s") is None:
+        return DEFAULT_DEADLINE_S
+    return _seconds(ref, "deadline_s")
 
 
 def _s3_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,6 +439,8 @@ def _s3_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
     config.setdefault("retries", {"max_attempts": DEFAULT_MAX_ATTEMPTS, "mode": DEFAULT_RETRY_MODE})
     config.setdefault("request_checksum_calculation", DEFAULT_CHECKSUM_POLICY)
     config.setdefault("response_checksum_validation", DEFAULT_CHECKSUM_POLICY)
+    config.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    config.setdefault("read_timeout", DEFAULT_READ_TIMEOUT)
     opts["config_kwargs"] = config
     return opts
 
@@ -376,7 +480,13 @@ def _protocol(url: str) -> str:
     return protocol if isinstance(protocol, str) else protocol[0]
 
 
+#: Options of the spec's storage section (:func:`resolve_storage_options`) that only botocore/s3fs
+#: understand; other filesystems raise TypeError on them (``config_kwargs`` for HTTP), so they are dropped.
+_S3_ONLY_OPTIONS = frozenset({"config_kwargs", "client_kwargs", "endpoint_url", "key", "secret", "token", "profile"})
+
+
 def _options_for(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options one protocol's filesystem gets: one job spec serves inputs and outputs of any protocol."""
     opts = dict(storage_options or {})
     for k, v in opts.items():
         if _is_secret_key(k) and isinstance(v, str):
@@ -388,7 +498,22 @@ def _options_for(protocol: str, storage_options: Mapping[str, Any] | None) -> di
         if opts:
             logger.debug("ignoring storage options %s for %s:// URL", sorted(opts), protocol)
         return {}
-    return opts
+    kept = {k: v for k, v in opts.items() if k not in _S3_ONLY_OPTIONS}
+    if protocol in _HTTP_PROTOCOLS:
+        kept.pop("anon", None)
+        kept.setdefault("client_kwargs", {"timeout": _http_timeout(opts)})
+    return kept
+
+
+def _http_timeout(opts: Mapping[str, Any]) -> Any:
+    """aiohttp's time-outs for HTTP(S) inputs, from the same connect/read settings as S3."""
+    import aiohttp
+
+    config = opts.get("config_kwargs") or {}
+    return aiohttp.ClientTimeout(
+        sock_connect=config.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        sock_read=config.get("read_timeout", DEFAULT_READ_TIMEOUT),
+    )
 
 
 def open_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -439,6 +564,83 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+# ------------------------------------------------------------------------------------------ first contact
+
+
+def check_reachable(url: str, storage_options: Mapping[str, Any] | None, *, deadline_s: float, output: bool) -> None:
+    """Contact ``url``'s store once, within ``deadline_s`` seconds, retries included.
+
+    For an output: it must not be an existing file, and its bucket must exist. For an input: the store must
+    answer (whether the path exists is :func:`pipeline.sources.expand_inputs`' to say). Raises
+    :class:`StorageError` (unreachable, no answer in time) or :class:`ConfigError` (output is a file, bucket
+    missing), one line naming the URL, never a secret. Local and ``memory://`` URLs need no contact.
+    """
+    protocol = _protocol(url)
+    role = "output" if output else "input"
+    if protocol in _LOCAL_PROTOCOLS or protocol == "memory":
+        if output:
+            fs, path = open_fs(url)
+            if fs.isfile(path):
+                raise ConfigError(f"output {url!r} is an existing file; the output must be a folder or prefix")
+        return
+    result: dict[str, BaseException | None] = {}
+    done = threading.Event()
+
+    def probe() -> None:
+        try:
+            _probe(url, _probe_options(protocol, storage_options), output=output)
+            result["error"] = None
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+        finally:
+            done.set()
+
+    # A daemon thread: a request that never returns must not keep the process alive after the error.
+    threading.Thread(target=probe, name="storage-probe", daemon=True).start()
+    if not done.wait(deadline_s):
+        raise StorageError(
+            f"{role} {redact(url)!r}: the storage endpoint gave no answer within {deadline_s:g} s "
+            f"(storage.deadline_s); check storage.endpoint_url / AWS_ENDPOINT_URL"
+        )
+    error = result.get("error")
+    if isinstance(error, ConfigError):
+        raise error
+    if isinstance(error, FileNotFoundError):
+        raise ConfigError(f"{role} {redact(url)!r}: the bucket does not exist; create it first") from error
+    if error is not None:
+        raise StorageError(f"{role} {redact(url)!r}: storage unreachable: {describe_error(error)}") from error
+
+
+def _probe_options(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's options with at most 3 attempts: a first contact that fails should fail fast."""
+    opts = dict(storage_options or {})
+    if protocol in _S3_PROTOCOLS:
+        opts = _s3_defaults(opts)
+        config = dict(opts["config_kwargs"])
+        retries = dict(config.get("retries") or {})
+        retries["max_attempts"] = min(int(retries.get("max_attempts", DEFAULT_MAX_ATTEMPTS)), 3)
+        config["retries"] = retries
+        opts["config_kwargs"] = config
+    return opts
+
+
+def _probe(url: str, options: Mapping[str, Any], *, output: bool) -> None:
+    fs, path = open_fs(url, options)
+    if _protocol(url) in _S3_PROTOCOLS:
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.info(bucket)  # FileNotFoundError when the bucket is missing
+        except PermissionError:
+            return  # the store answered; a role allowed only some prefixes may still do the job
+        if output and path.strip("/") != bucket and fs.isfile(path):
+            raise ConfigError(f"output {redact(url)!r} is an existing object; the output must be a prefix")
+    elif output:
+        if fs.isfile(path):
+            raise ConfigError(f"output {redact(url)!r} is an existing file; the output must be a folder or prefix")
+    else:
+        fs.exists(path)
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 
@@ -453,6 +655,11 @@ def _client_error_types() -> tuple[type[BaseException], ...]:
 
         types.append(AioClientError)
     return tuple(types)
+
+
+def client_error_types() -> tuple[type[BaseException], ...]:
+    """The storage clients' own error types (botocore, aiohttp), which are not ``OSError``s."""
+    return _client_error_types()
 
 
 @contextlib.contextmanager

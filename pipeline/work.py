@@ -92,6 +92,7 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
     return {
         "source": {
             "url": storage.redact(meta.ref.source),
+            "key": storage.redact(meta.ref.key),  # the owner of the group (cubes.check_owner)
             "archive": storage.redact(meta.ref.source) if meta.ref.member is not None else None,
             "member": meta.ref.member,
             "kind": meta.ref.kind,
@@ -153,6 +154,7 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         meta.nbytes = len(data)
         store = cubes.open_cubes(ctx.spec.output, opts)
         attrs = cubes.read_status(store, group)
+        cubes.check_owner(attrs, group, ref.key)
         if attrs and attrs.get("complete") is True:
             record = attrs.get(cubes.ATTR, {})
             if (
@@ -371,4 +373,6 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "write_s": float(sum(r["write_s"] for r in results)),
         },
     }
+    # Two inputs whose prepare tasks raced for one group: only the one the group records is marked complete.
+    cubes.check_owner(cubes.read_status(store, meta.group), meta.group, meta.ref.key)
     cubes.mark_complete(store, meta.group, extra)

@@ -13,7 +13,8 @@ from fixtures.make_bad_inputs import CASE_NAMES, Case, Expect, make_corpus, outc
 
 from pipeline.decode import decode_image
 from pipeline.errors import ArchiveError, InputError
-from pipeline.sources import Rejected, expand_inputs, iter_targz, list_members, read_member
+from pipeline.sources import Rejected, expand, expand_inputs, iter_targz, list_members, read_member
+from pipeline.storage import readable
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,11 @@ def _decoded(member: str | None, data: bytes, name: str) -> Row:
 def run_input(url: str) -> list[Row]:
     """Expand, list, read and decode one input the way the pipeline does; one row per recorded outcome."""
     rows: list[Row] = []
-    for source, kind in expand_inputs([url]):
+    try:
+        found = expand_inputs([url])
+    except InputError as e:  # a single file that is neither image nor archive
+        return [Row(None, "failed", str(e))]
+    for source, kind in found:
         rejected: list[Rejected] = []
         n_images = 0
         try:
@@ -60,9 +65,11 @@ def run_input(url: str) -> list[Row]:
         except ArchiveError as e:
             rows.append(Row(None, "failed", str(e)))
         else:
-            if kind != "file" and n_images == 0:
+            # A break in an archive (a Rejected naming the archive itself) is the archive's one row.
+            broken = any(r.ref.member is None for r in rejected)
+            if kind != "file" and n_images == 0 and not broken:
                 rows.append(Row(None, "skipped", f"archive {source!r} contains no images"))
-        rows.extend(Row(r.ref.member, "skipped", r.reason) for r in rejected)
+        rows.extend(Row(r.ref.member, "skipped" if r.ref.member else "failed", r.reason) for r in rejected)
     return rows
 
 
@@ -73,7 +80,8 @@ def _sort_key(item: Row | Expect) -> tuple[str, str]:
 def _check(case: Case, rows: list[Row]) -> None:
     got = sorted(rows, key=_sort_key)  # stable: duplicates keep archive order
     want = sorted(case.expected, key=_sort_key)
-    assert [(r.member, r.status) for r in got] == [(e.member, e.status) for e in want], case.description
+    got_keys = [(readable(r.member) if r.member else r.member, r.status) for r in got]
+    assert got_keys == [(e.member, e.status) for e in want], case.description
     for row, expect in zip(got, want, strict=True):
         assert expect.reason.lower() in row.reason.lower(), (case.name, row)
         if expect.shape is not None:
@@ -133,8 +141,12 @@ def test_failure_messages_name_the_input(corpus: dict[str, Case]) -> None:
 
 def test_whole_folder_as_one_prefix(corpus: dict[str, Case]) -> None:
     folder = next(iter(corpus.values())).path.parent
-    found = expand_inputs([str(folder)])
-    assert [url for url, _ in found] == sorted(str(case.path) for case in corpus.values())
+    found, unconverted = expand([str(folder)])
+    # Every file is accounted for: converted, or a row saying why not.
+    listed = sorted([url for url, _ in found] + [r.ref.source for r in unconverted])
+    assert listed == sorted(str(case.path) for case in corpus.values())
+    assert [r.ref.source for r in unconverted] == [str(corpus["avif_file"].path)]
+    assert "unsupported image format (.avif)" in unconverted[0].reason
 
 
 def test_outcome_table_lists_every_case(corpus: dict[str, Case]) -> None:
