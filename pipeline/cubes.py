@@ -43,8 +43,7 @@ from zarr.core.sync import sync
 
 from pipeline import storage
 from pipeline.config import OutputSpec
-from pipeline.errors import InputError
-from pipeline.errors import GroupCollisionError
+from pipeline.errors import GroupCollisionError, InputError
 
 __all__ = [
     "CUBES_DIR",
