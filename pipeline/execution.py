@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from pipeline import cubes, storage
+from pipeline import cubes, qa, storage
 from pipeline.config import JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import ManifestRow, write_manifest
@@ -324,7 +324,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     # Completion markers are storage writes: a few threads do them so the driver loop never waits on
     # storage before dispatching the next batch. A row is final once its marker is written.
     finisher = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, FINISH_THREADS), thread_name_prefix="finish")
-    finishing: list[tuple[concurrent.futures.Future[None], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
+    finishing: list[tuple[concurrent.futures.Future[Any], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
 
     def settle(block: bool) -> None:
         nonlocal megapixels
@@ -334,13 +334,16 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 continue
             finishing.remove(item)
             try:
-                fut.result()
+                for name, value in (fut.result() or {}).items():  # the qa_* columns (pipeline.qa)
+                    setattr(row, name, value)
                 row.status = "ok"
                 row.infer_s = float(sum(r["infer_s"] for r in results))
                 megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
                 nodes.update(r["node"] for r in results)
-            except Exception as exc:  # storage failure at the marker: the cube is not complete
+            except Exception as exc:  # QA failed, or storage failure at the marker: the cube is not complete
                 row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
+                for name, value in qa.manifest_columns(getattr(exc, "qa", {})).items():
+                    setattr(row, name, value)
             rows[meta.ref.key] = row
             if progress:
                 progress("done", 1)
@@ -379,14 +382,13 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         elif slot.failed:
             row.status, row.error_type, row.error = "failed", "InferenceError", slot.failed
         else:
-            fut: concurrent.futures.Future[None]
+            fut: concurrent.futures.Future[Any]
             if FINISH_THREADS > 0:
                 fut = finisher.submit(finish_image, ctx, meta, slot.results)
             else:
                 fut = concurrent.futures.Future()
                 try:
-                    finish_image(ctx, meta, slot.results)
-                    fut.set_result(None)
+                    fut.set_result(finish_image(ctx, meta, slot.results))
                 except Exception as exc:
                     fut.set_exception(exc)
             finishing.append((fut, row, meta, slot.results))
