@@ -30,6 +30,7 @@ from pipeline.config import JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
+from pipeline.publish import publish_run
 from pipeline.sources import ImageRef, Rejected, expand_inputs, iter_targz, list_members
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
@@ -56,6 +57,8 @@ class RunSummary:
     megapixels: float = 0.0
     elapsed_s: float = 0.0
     manifest: str = ""
+    published: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What :func:`pipeline.publish.publish_run` wrote (``report``: the HTML report's URL, ``stac``, …)."""
     nodes: list[str] = dataclasses.field(default_factory=list)
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
@@ -564,6 +567,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
+    summary.published = publish_run(spec.output, opts)  # consolidated metadata, STAC, report.html
     root.attrs.update(
         {
             "drcr_pipeline_run": {

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cubes, qa, storage
+from pipeline import cubes, preview, qa, storage
 from pipeline.config import JobSpec
 from pipeline.errors import InputError
 from pipeline.provenance import host_info, now_utc, software_versions
@@ -304,7 +304,12 @@ class Predictor:
             t0, c0 = time.perf_counter(), time.thread_time()
             outputs = self._compute_batch(scale, tiles, windows)
             t1, c1 = time.perf_counter(), time.thread_time()
-        qa_stats = qa.tile_stats(_core_inputs(scale, tiles, windows), outputs, self._response)
+        t_qa = time.perf_counter()
+        inputs = _core_inputs(scale, tiles, windows)
+        qa_stats = qa.tile_stats(inputs, outputs, self._response)
+        regions = [(t.core_y0, t.core_x0, o, x) for t, o, x in zip(tiles, outputs, inputs)]
+        preview.write_preview_regions(self.store, group, regions, self.ctx.bands_nm)
+        qa_s = time.perf_counter() - t_qa
         cubes.write_regions(
             self.store, group, [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)]
         )
@@ -328,6 +333,7 @@ class Predictor:
             "pid": os.getpid(),
             "peak_rss": peak_rss(),
             "qa": qa_stats,
+            "qa_s": qa_s,  # QA statistics + preview rendering and writes
         }
 
     def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
@@ -374,8 +380,10 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
     store = cubes.open_cubes(ctx.spec.output, storage_options(ctx))
     result = qa.summarize(qa.reduce_stats([r["qa"] for r in results]), ctx.spec.qa.thresholds())
     qa.check(result, fail_on_flags=ctx.spec.qa.on_exceed == "fail", label=storage.redact(meta.ref.key))
+    preview.write_thumbnails(store, ctx.spec.output, meta.group, storage_options(ctx))
     extra = {
         "qa": result.to_dict(),
+        "preview": preview.describe(),
         "finished": now_utc(),
         "device": sorted({r["device"] for r in results}),
         "workers": sorted(
@@ -385,6 +393,7 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "decode_s": meta.decode_s,
             "infer_s": float(sum(r["infer_s"] for r in results)),
             "write_s": float(sum(r["write_s"] for r in results)),
+            "qa_s": float(sum(r.get("qa_s", 0.0) for r in results)),
         },
     }
     cubes.mark_complete(store, meta.group, extra)
