@@ -567,7 +567,6 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
-    summary.published = publish_run(spec.output, opts)  # consolidated metadata, STAC, report.html
     root.attrs.update(
         {
             "drcr_pipeline_run": {
@@ -579,6 +578,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             }
         }
     )
+    summary.published = publish_run(spec.output, opts)  # consolidated metadata, STAC, report.html
     for a in actors:
         ray.kill(a)
     return summary
