@@ -53,9 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("output", help="the job's output prefix URL")
     exp.add_argument("--format", required=True, choices=["netcdf", "envi", "tiff"])
     exp.add_argument("--dest", help="folder or URL for the files (default: OUTPUT/export/FORMAT)")
-    exp.add_argument(
-        "--where", help="pandas-style filter on manifest columns, e.g. \"qa_backprojection_mrae < 0.3\""
-    )
+    exp.add_argument("--where", help='pandas-style filter on manifest columns, e.g. "qa_backprojection_mrae < 0.3"')
     _storage_args(exp)
     sample = sub.add_parser("make-sample", help="write a small seeded sample archive of RGB images (for the demo)")
     sample.add_argument("dest", help="output folder")

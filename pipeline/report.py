@@ -151,7 +151,9 @@ def _throughput(summary: Mapping[str, Any]) -> str:
         ("throughput", f"{summary.get('megapixels_per_s', 0):.3f} MP/s"),
         ("nodes", str(len(summary.get("nodes", [])))),
     ]
-    return "<h2>Throughput</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_e(v)}</td></tr>" for k, v in fields) + "</table>"
+    return (
+        "<h2>Throughput</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_e(v)}</td></tr>" for k, v in fields) + "</table>"
+    )
 
 
 def _failures(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -232,5 +234,5 @@ def _grid(data: ReportData) -> str:
         )
     return (
         f"<h2>Images: input | spectral rendering (D65, CIE 1931 2°), worst MRAE first"
-        f" ({len(ok)} of {total})</h2><div class=\"grid\" id=\"grid\">{''.join(cells)}</div>"
+        f' ({len(ok)} of {total})</h2><div class="grid" id="grid">{"".join(cells)}</div>'
     )
