@@ -45,6 +45,7 @@ class ReportData:
     spectra: dict[str, list[float]]
     bands_nm: list[float]
     thumbs: dict[str, tuple[bytes | None, bytes | None]]
+    """Per input: (rendering PNG, input PNG), as :func:`pipeline.preview.thumbnail_paths` orders them."""
 
 
 def gather(output: str, storage_options: Mapping[str, Any] | None = None) -> ReportData:
@@ -224,7 +225,7 @@ def _grid(data: ReportData) -> str:
         return ""
     cells = []
     for r in ok:
-        inp, rendering = data.thumbs[r["input"]]
+        rendering, inp = data.thumbs[r["input"]]  # as preview.thumbnail_paths orders them
         mrae = r["qa_backprojection_mrae"]
         flags = f'<div class="flag">{_e(r["qa_flags"])}</div>' if r["qa_flags"] else ""
         cells.append(

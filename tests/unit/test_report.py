@@ -1,6 +1,6 @@
 """The run report (pipeline.report), opened in a real headless Chromium: no console errors, every image
-decodes, the counts and failures are those of the manifest. Also commits nothing: docs/ images are made by
-``benchmarks/make_docs_images.py``."""
+decodes, the counts and failures are those of the manifest. (The README's docs/ images are made by
+``scripts/make_docs_images.py``.)"""
 
 from __future__ import annotations
 
@@ -73,3 +73,17 @@ def test_report_html_escapes_names(output: str) -> None:
     html = report.render_html(data)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert json.dumps(data.bands_nm) == json.dumps(list(range(400, 701, 10)))
+
+
+def test_grid_pairs_input_with_its_rendering(output: str) -> None:
+    import base64
+
+    from pipeline import preview
+
+    data = report.gather(output)
+    html = report.render_html(data)
+    row = next(r for r in data.rows if r["status"] == "ok")
+    rendering, source = (Path(p).read_bytes() for p in preview.thumbnail_paths(output, row["group"]))
+    enc = {k: base64.b64encode(v).decode() for k, v in (("input", source), ("spectral rendering", rendering))}
+    for alt, b64 in enc.items():
+        assert f'<img alt="{alt}" src="data:image/png;base64,{b64}">' in html, alt
