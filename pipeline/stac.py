@@ -115,10 +115,10 @@ def write_catalog(output: str, storage_options: Mapping[str, Any] | None = None)
     """Write the Collection and Items of the latest run's ``ok`` cubes; returns the Collection's URL."""
     rows = [r for r in read_manifest(output, storage_options).to_pylist() if r["status"] == "ok" and r["group"]]
     store = cubes.open_cubes(output, storage_options, read_only=True)
-    output = output if "://" in output else os.path.abspath(output)  # hrefs made relative need a common root
-    items = [make_item(output, r, (cubes.read_status(store, r["group"]) or {}).get(cubes.ATTR, {})) for r in rows]
+    base = output if "://" in output else os.path.abspath(output)  # hrefs made relative need a common root
+    items = [make_item(base, r, (cubes.read_status(store, r["group"]) or {}).get(cubes.ATTR, {})) for r in rows]
     collection = make_collection(output, items)
-    root = storage.join(output, STAC_DIR)
+    root = storage.join(base, STAC_DIR)
     collection.normalize_hrefs(root)
     collection.make_all_asset_hrefs_relative()
     fs, _ = storage.open_fs(root, storage_options)
@@ -129,7 +129,7 @@ def write_catalog(output: str, storage_options: Mapping[str, Any] | None = None)
         _, path = storage.open_fs(href, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, json.dumps(d, indent=1).encode("utf-8"))
-    return storage.join(root, "collection.json")
+    return storage.join(output, STAC_DIR, "collection.json")
 
 
 def validate(obj: pystac.STACObject | Mapping[str, Any]) -> None:
