@@ -136,8 +136,8 @@ def _run(args: argparse.Namespace) -> int:
             f"{summary.megapixels:.2f} MP in {summary.elapsed_s:.1f} s ({summary.megapixels_per_s:.3f} MP/s)\n"
             f"manifest: {summary.manifest}"
         )
-    if summary.published.get("report"):
-        print(f"report: {summary.published['report']}")
+        if summary.published.get("report"):  # with --json it is in the summary's "published"
+            print(f"report: {summary.published['report']}")
     return EXIT_INPUTS_FAILED if summary.failed else EXIT_OK
 
 
