@@ -132,9 +132,9 @@ def test_every_row_once_and_nothing_outside_the_prefix(corpus_run) -> None:  # t
     fs, name = corpus_run.fs, corpus_run.name
     fs.invalidate_cache()
     everything = fs.find(name)
-    outside = [
-        p for p in everything if not p.startswith((f"{name}/in/", f"{name}/out/cubes.zarr/", f"{name}/out/manifest/"))
-    ]
+    out = f"{name}/out/"
+    known = (f"{name}/in/", *(out + d for d in ("cubes.zarr/", "manifest/", "previews/", "stac/", "report.html")))
+    outside = [p for p in everything if not p.startswith(known)]
     assert outside == []
     groups = {r["group"] for r in rows if r["group"]}
     assert all(".." not in g.split("/") and not g.startswith("/") for g in groups)
