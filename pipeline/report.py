@@ -111,7 +111,7 @@ def render_html(data: ReportData) -> str:
     """The report as one HTML string (UTF-8, no external resources)."""
     counts = {s: sum(1 for r in data.rows if r["status"] == s) for s in ("ok", "failed", "skipped")}
     summary = data.run.get("summary", {})
-    title = f"drcr-pipeline report: {data.output}"
+    title = f"drcr-pipeline report: {storage.redact(data.output)}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
