@@ -155,8 +155,8 @@ def test_no_secret_in_outputs_or_logs(corpus_run) -> None:  # type: ignore[no-un
 
 
 def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The corpus from a local folder to a local output: every file written is under output/cubes.zarr or
-    output/manifest; the input folder is unchanged; nothing appears beside the output."""
+    """The corpus from a local folder to a local output: every file written is under output/cubes.zarr,
+    manifest, previews, stac or is output/report.html; the input folder is unchanged; nothing appears beside the output."""
     from pipeline.config import JobSpec
     from pipeline.execution import run_job
 
@@ -175,9 +175,8 @@ def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  #
     summary = run_job(spec)
     assert summary.ok + summary.failed + summary.skipped == sum(len(c.expected) for c in cases)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in before]
-    assert written and all(
-        p.is_relative_to(out / "cubes.zarr") or p.is_relative_to(out / "manifest") for p in written
-    ), written
+    places = [out / d for d in ("cubes.zarr", "manifest", "previews", "stac", "report.html")]
+    assert written and all(any(p.is_relative_to(d) for d in places) for p in written), written
     assert {p: p.read_bytes() for p in (tmp_path / "in").rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["in", "work"] and os.listdir(tmp_path / "work") == ["out"]
     assert not Path("/abs").exists()
