@@ -20,7 +20,9 @@ __all__ = [
     "DEFAULT_BANDS",
     "NTIRE2022_NPE",
     "NTIRE2022_JPEG_QUALITY",
+    "CAMERAS",
     "ntire2022_camera_response",
+    "camera_response",
     "project",
     "simulate_rgb",
     "encode_jpeg",
@@ -74,6 +76,17 @@ def ntire2022_camera_response(bands: np.ndarray | list[float] = DEFAULT_BANDS) -
         raise ValueError(f"bands must lie within {wl[0]:g}–{wl[-1]:g} nm, got {bands.min():g}–{bands.max():g}")
     resampled = np.stack([np.interp(bands, wl, qe[:, c]) for c in range(3)], axis=1)
     return resampled * ANALOG_GAIN
+
+
+CAMERAS = ("ntire2022",)
+"""Cameras a weights record may name (``Weights.camera``)."""
+
+
+def camera_response(camera: str, bands: np.ndarray | list[float] = DEFAULT_BANDS) -> np.ndarray:
+    """The spectral response (len(bands), 3) float64 of a camera named in :data:`CAMERAS`."""
+    if camera == "ntire2022":
+        return ntire2022_camera_response(bands)
+    raise ValueError(f"unknown camera {camera!r}; known: {CAMERAS}")
 
 
 def project(cube: np.ndarray, bands: np.ndarray | list[float] = DEFAULT_BANDS) -> np.ndarray:

@@ -48,6 +48,8 @@ class Weights:
         config: DRCRNet constructor arguments.
         preprocessing: input scaling the weights expect; ``"divide_by_image_max"`` (the authors').
         bands_nm: centre wavelength of each output band, nm.
+        camera: the RGB camera whose images the weights were trained on (its spectral response is what
+            QA projects cubes through, :func:`drcr_model.camera.camera_response`); ``"ntire2022"``.
         metrics: evaluation figures, e.g. ``{"synthetic_heldout": {"mrae": ...}}``.
         meta: anything else (training recipe, data seed, ``untrained`` flag, licence).
     """
@@ -58,6 +60,7 @@ class Weights:
     config: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(NTIRE2022_CONFIG))
     preprocessing: str = "divide_by_image_max"
     bands_nm: tuple[int, ...] = BANDS_NM
+    camera: str = "ntire2022"
     metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -76,6 +79,10 @@ class Weights:
                 raise ValueError(f"Weights.config[{key!r}] must be a positive int, got {value!r}")
         if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"Weights.preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}")
+        from drcr_model.camera import CAMERAS
+
+        if self.camera not in CAMERAS:
+            raise ValueError(f"Weights.camera must be one of {CAMERAS}, got {self.camera!r}")
         if len(self.bands_nm) != int(self.config.get("out_channels", 31)):
             raise ValueError(
                 f"Weights.bands_nm has {len(self.bands_nm)} bands but config.out_channels is {self.config.get('out_channels')}"

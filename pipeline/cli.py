@@ -47,12 +47,51 @@ def _build_parser() -> argparse.ArgumentParser:
         show.add_argument(a)
     show.add_argument("--input", action="append", default=[])
     show.add_argument("--set", action="append", default=[])
+    rep = sub.add_parser("report", help="(re)write OUTPUT/report.html, the STAC catalog and consolidated metadata")
+    rep.add_argument("output", help="the job's output prefix URL")
+    _storage_args(rep)
+    exp = sub.add_parser("export", help="write the cubes of OUTPUT as netCDF, ENVI or TIFF files")
+    exp.add_argument("output", help="the job's output prefix URL")
+    exp.add_argument("--format", required=True, choices=["netcdf", "envi", "tiff"])
+    exp.add_argument("--dest", help="folder or URL for the files (default: OUTPUT/export/FORMAT)")
+    exp.add_argument("--where", help='pandas-style filter on manifest columns, e.g. "qa_backprojection_mrae < 0.3"')
+    _storage_args(exp)
     sample = sub.add_parser("make-sample", help="write a small seeded sample archive of RGB images (for the demo)")
     sample.add_argument("dest", help="output folder")
     sample.add_argument("--count", type=int, default=6)
     sample.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="job spec whose [storage] section reaches OUTPUT (S3 endpoint, key variables)")
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.storage import resolve_storage_options
+
+    return resolve_storage_options(load_spec(args.spec).storage) if args.spec else {}
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.publish import publish_run
+
+    published = publish_run(args.output, _storage_options(args))
+    for key, value in published.items():
+        print(f"{key}: {value if isinstance(value, str) else ', '.join(map(str, value)) or '-'}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_cubes
+
+    written = export_cubes(
+        args.output, args.format, dest=args.dest, where=args.where, storage_options=_storage_options(args)
+    )
+    for url in written:
+        print(url)
+    return EXIT_OK
 
 
 def effective_spec(args: argparse.Namespace) -> JobSpec:
@@ -116,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
             f"{summary.megapixels:.2f} MP in {summary.elapsed_s:.1f} s ({summary.megapixels_per_s:.3f} MP/s)\n"
             f"manifest: {summary.manifest}"
         )
+        if summary.published.get("report"):  # with --json it is in the summary's "published"
+            print(f"report: {summary.published['report']}")
     return EXIT_INPUTS_FAILED if summary.failed else EXIT_OK
 
 
@@ -162,6 +203,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-spec":
         print(effective_spec(args).to_toml(), end="")
         return EXIT_OK
+    if args.command == "report":
+        return _report(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "make-sample":
         from pipeline.sample import make_sample
 

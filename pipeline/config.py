@@ -11,6 +11,7 @@ A spec file has one table per section::
     [output_options]  # max_error, dtype, chunk, compressor, level
     [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
     [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
+    [qa]           # optional QA thresholds (README "Outputs: QA, previews, report, exports")
 
 Configs hold no live objects and no secrets: the ``storage`` table may name environment variables
 (``key_env``, ``secret_env``) but never hold a secret itself.
@@ -37,6 +38,7 @@ __all__ = [
     "TilingSpec",
     "OutputSpec",
     "RaySpec",
+    "QASpec",
     "JobSpec",
     "load_spec",
     "parse_overrides",
@@ -236,6 +238,35 @@ class RaySpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QASpec:
+    """Thresholds on each cube's QA (:mod:`pipeline.qa`); a negative value switches a threshold off.
+
+    max_backprojection_mrae / max_backprojection_rmse: the cube projected through the weights' camera
+      response vs the model's input, after the per-image exposure fit.
+    max_negative_fraction / max_above_one_fraction: fractions of the cube's values < 0 and > 1.
+    on_exceed: ``"flag"`` (the image stays ``ok``, ``qa_flags`` names the thresholds) or ``"fail"`` (the
+      image is ``failed`` and its cube is not marked complete). Non-finite values always fail.
+    """
+
+    max_backprojection_mrae: float = -1.0
+    max_backprojection_rmse: float = -1.0
+    max_negative_fraction: float = -1.0
+    max_above_one_fraction: float = -1.0
+    on_exceed: str = "flag"
+
+    def __post_init__(self) -> None:
+        _check(self.on_exceed in ("flag", "fail"), "qa", "on_exceed", self.on_exceed, "must be 'flag' or 'fail'")
+
+    def thresholds(self) -> dict[str, float]:
+        """The active thresholds, by QA field (``backprojection_mrae``, …)."""
+        return {
+            f.name.removeprefix("max_"): float(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name.startswith("max_") and getattr(self, f.name) >= 0
+        }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A whole job. ``inputs`` are fsspec URLs or globs (files, prefixes, archives); ``output`` a prefix."""
 
@@ -247,6 +278,7 @@ class JobSpec:
     tiling: TilingSpec = dataclasses.field(default_factory=TilingSpec)
     output_options: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     ray: RaySpec = dataclasses.field(default_factory=RaySpec)
+    qa: QASpec = dataclasses.field(default_factory=QASpec)
     storage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -284,6 +316,7 @@ class JobSpec:
             "tiling": TilingSpec,
             "output_options": OutputSpec,
             "ray": RaySpec,
+            "qa": QASpec,
         }
         top = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - top

@@ -5,9 +5,13 @@ Distributed writes follow xarray's recipe: the group and its arrays' metadata ar
 a chunk, and a completion marker is written last (:func:`mark_complete`). A group without
 ``complete = true`` in its attributes is never reported as done, and unwritten chunks read as NaN.
 
-Each group holds ``cube`` (bands × y × x) with ``dimension_names`` ``("wavelength", "y", "x")`` and a
-``wavelength`` coordinate in nm, so ``xarray.open_zarr(store, group=...)`` and
-``xarray.open_datatree(root, engine="zarr")`` just work.
+Each group holds ``cube`` (bands × y × x, error-bounded float32 by default) with ``dimension_names``
+``("wavelength", "y", "x")`` and a ``wavelength`` coordinate in nm, so ``xarray.open_zarr(store,
+group=...)`` and ``xarray.open_datatree(root, engine="zarr")`` just work.
+
+Attributes follow the CF conventions (:data:`CONVENTIONS`) and stay netCDF-valid, so an opened group goes
+straight to ``ds.to_netcdf()``: ``complete`` is an integer (0/1) and the provenance record one JSON string
+(``ATTR``). :func:`read_status` decodes both back (``complete`` as a bool, the record as a dict).
 
 With ``output_options.max_error`` > 0 (the default) the cube is error-bounded (:class:`Quantiser`):
 quantised to a step just under ``2 · max_error``, predicted from its upper and left neighbours in each
@@ -24,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 import threading
 import unicodedata
@@ -41,13 +46,14 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline import storage
+from pipeline import preview, storage
 from pipeline.config import OutputSpec
 from pipeline.errors import GroupCollisionError, InputError
 
 __all__ = [
     "CUBES_DIR",
     "ATTR",
+    "CONVENTIONS",
     "open_cubes",
     "group_path",
     "check_owner",
@@ -57,6 +63,7 @@ __all__ = [
     "write_regions",
     "mark_complete",
     "read_status",
+    "consolidate_archives",
     "codecs_for",
     "Quantiser",
     "encode_chunk",
@@ -64,7 +71,32 @@ __all__ = [
 
 CUBES_DIR = "cubes.zarr"
 ATTR = "drcr_pipeline"
-"""Group attribute holding the provenance record; ``complete`` sits beside it."""
+"""Group attribute holding the provenance record (a JSON string); ``complete`` (0/1) sits beside it."""
+
+CONVENTIONS = "CF-1.10"
+
+GROUP_ATTRS = {
+    "Conventions": CONVENTIONS,
+    "title": "Hyperspectral cube (31 bands, 400-700 nm) reconstructed from an RGB image",
+    "source": "DRCR Net (Li et al., CVPR Workshops 2022) spectral reconstruction of an RGB photograph",
+    "references": "J. Li et al., Dense Residual Channel Re-calibration Network (DRCR Net) for Spectral "
+    "Reconstruction, CVPRW 2022, doi:10.1109/CVPRW56347.2022.00094; https://github.com/jojolee6513/DRCR-net",
+}
+"""CF global attributes of every cube group (``history`` is added per cube)."""
+
+CUBE_ATTRS = {
+    "long_name": "relative spectral radiance reconstructed from RGB",
+    "units": "1",
+    "comment": "DRCR Net output for the image divided by its own maximum: dimensionless, on the scale of the "
+    "training data (nominally 0-1), unclipped; the absolute exposure is unknown (see the provenance's qa "
+    "exposure_scale)",
+}
+
+WAVELENGTH_ATTRS = {
+    "standard_name": "radiation_wavelength",
+    "long_name": "band centre wavelength",
+    "units": "nm",
+}
 
 
 def open_cubes(output: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False) -> Store:
@@ -183,17 +215,21 @@ class Quantiser:
         return zarr.codecs.BloscCodec(shuffle="bitshuffle", typesize=np.dtype(self.dtype).itemsize, **_BLOSC)
 
     def attributes(self) -> dict[str, Any]:
-        """What the cube's attributes record (and what :meth:`from_attributes` reads back)."""
+        """What the cube's attributes record (and what :meth:`from_attributes` reads back); ``quantisation`` is
+        one JSON string, as netCDF attributes cannot nest."""
         return {
             "max_abs_error": self.max_error,
-            "quantisation": {
-                "scale": self.scale,
-                "step": self.step,
-                "dtype": self.dtype,
-                "range": [-self.limit, self.limit],
-                "predictor": "planar: q[y-1,x] + q[y,x-1] - q[y-1,x-1], per band",
-                "codec": f"blosc {_BLOSC['cname']}-{_BLOSC['clevel']} bitshuffle",
-            },
+            "quantisation": json.dumps(
+                {
+                    "scale": self.scale,
+                    "step": self.step,
+                    "dtype": self.dtype,
+                    "range": [-self.limit, self.limit],
+                    "predictor": "planar: q[y-1,x] + q[y,x-1] - q[y-1,x-1], per band",
+                    "codec": f"blosc {_BLOSC['cname']}-{_BLOSC['clevel']} bitshuffle",
+                },
+                sort_keys=True,
+            ),
         }
 
     @classmethod
@@ -373,13 +409,13 @@ def create_cube(
     """Create (or recreate, dropping anything there) the group, its ``cube`` and ``wavelength`` arrays.
 
     ``complete`` is false until :func:`mark_complete`. Chunks are ``(bands, chunk, chunk)``: a pixel's
-    whole spectrum is in one chunk.
+    whole spectrum is in one chunk. The ``preview`` child group (:mod:`pipeline.preview`) is created too.
 
     The provenance record (``ATTR``, with the run id) is written last, so a group that has it was created
     whole: a prepare task killed part-way through (its node died) leaves a group without it, and the retry
     of the same run recreates the group instead of keeping it with a missing array or wavelength chunk.
     """
-    group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": False})
+    group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": 0})
     chunk = (len(bands_nm), min(spec.chunk, height), min(spec.chunk, width))
     quant = quantiser_for(spec)
     cube = group.create_array(
@@ -391,8 +427,7 @@ def create_cube(
         compressors=codecs_for(spec),
         fill_value=np.nan,
         dimension_names=("wavelength", "y", "x"),
-        attributes={"long_name": "spectral reconstruction", "units": "1 (relative radiance, model output)"}
-        | (quant.attributes() if quant else {}),
+        attributes=dict(CUBE_ATTRS) | (quant.attributes() if quant else {}),
     )
     del cube
     wl = group.create_array(
@@ -401,10 +436,29 @@ def create_cube(
         dtype="float32",
         compressors=None,
         dimension_names=("wavelength",),
-        attributes={"units": "nm", "long_name": "band centre wavelength"},
+        attributes=dict(WAVELENGTH_ATTRS),
     )
     wl[:] = np.asarray(bands_nm, dtype=np.float32)
-    group.attrs.put({ATTR: storage.readable_tree(dict(provenance)), "complete": False})
+    preview.create_preview(group, height=height, width=width, chunk=spec.chunk)
+    started = provenance.get("started") or ""
+    history = f"{started} drcr-pipeline {provenance.get('job', {}).get('run_id', '')}: created".strip()
+    group.attrs.put(
+        GROUP_ATTRS | {"history": history, ATTR: _encode(storage.readable_tree(dict(provenance))), "complete": 0}
+    )
+
+
+def _encode(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=False, default=str)
+
+
+def _decode(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Group attributes with ``complete`` as a bool and the provenance record as a dict."""
+    out = dict(attrs)
+    if "complete" in out:
+        out["complete"] = bool(out["complete"])
+    if isinstance(out.get(ATTR), str):
+        out[ATTR] = json.loads(out[ATTR])
+    return out
 
 
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:
@@ -445,13 +499,17 @@ def mark_complete(store: Store, path: str, extra: Mapping[str, Any]) -> None:
     """Write the completion marker last: provenance updated with ``extra`` and ``complete = true``
     in one rewrite of the group's ``zarr.json``."""
     group = zarr.open_group(store, path=path, mode="r+")
-    record: dict[str, Any] = dict(group.attrs.get(ATTR, {}))  # type: ignore[arg-type]
+    attrs = _decode(group.attrs)
+    record: dict[str, Any] = dict(attrs.get(ATTR, {}))
     record.update(extra)
-    group.attrs.update({ATTR: record, "complete": True})
+    history = str(attrs.get("history", ""))
+    finished = f"{record.get('finished', '')} drcr-pipeline {record.get('job', {}).get('run_id', '')}: completed"
+    group.attrs.update({ATTR: _encode(record), "history": f"{history}\n{finished.strip()}".strip(), "complete": 1})
 
 
 def read_status(store: Store, path: str) -> dict[str, Any] | None:
-    """The group's attributes (``complete``, provenance), or ``None`` when there is no such group."""
+    """The group's attributes (``complete`` as a bool, the provenance record ``ATTR`` as a dict), or ``None``
+    when there is no such group."""
     try:
         group = zarr.open_group(store, path=path, mode="r")
     except (
@@ -462,4 +520,20 @@ def read_status(store: Store, path: str) -> dict[str, Any] | None:
         zarr.errors.NodeTypeValidationError,
     ):
         return None
-    return dict(group.attrs)
+    return _decode(group.attrs)
+
+
+def consolidate_archives(store: Store, groups: Sequence[str]) -> list[str]:
+    """Consolidate the metadata of each archive group (the first component of ``groups``' paths), so opening
+    an archive's tree (``xarray.open_datatree(..., engine="zarr")``) reads one document instead of listing
+    every node. Run after the run's completion markers: a later write makes it stale until the next run
+    consolidates again. Returns the archive groups consolidated."""
+    import warnings
+
+    archives = sorted({g.split("/", 1)[0] for g in groups if g})
+    for archive in archives:
+        with warnings.catch_warnings():
+            # zarr-python's consolidated metadata is an extension of the v3 spec (readers without it list nodes)
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            zarr.consolidate_metadata(store, path=archive)
+    return archives

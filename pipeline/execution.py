@@ -25,11 +25,12 @@ from typing import Any
 
 import ray
 
-from pipeline import cubes, storage
+from pipeline import cubes, qa, storage
 from pipeline.config import JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
+from pipeline.publish import publish_run
 from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
@@ -56,6 +57,8 @@ class RunSummary:
     megapixels: float = 0.0
     elapsed_s: float = 0.0
     manifest: str = ""
+    published: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What :func:`pipeline.publish.publish_run` wrote (``report``: the HTML report's URL, ``stac``, …)."""
     nodes: list[str] = dataclasses.field(default_factory=list)
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
@@ -328,7 +331,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     # Completion markers are storage writes: a few threads do them so the driver loop never waits on
     # storage before dispatching the next batch. A row is final once its marker is written.
     finisher = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, FINISH_THREADS), thread_name_prefix="finish")
-    finishing: list[tuple[concurrent.futures.Future[None], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
+    finishing: list[tuple[concurrent.futures.Future[Any], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
 
     def settle(block: bool) -> None:
         nonlocal megapixels
@@ -338,13 +341,16 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 continue
             finishing.remove(item)
             try:
-                fut.result()
+                for name, value in (fut.result() or {}).items():  # the qa_* columns (pipeline.qa)
+                    setattr(row, name, value)
                 row.status = "ok"
                 row.infer_s = float(sum(r["infer_s"] for r in results))
                 megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
                 nodes.update(r["node"] for r in results)
-            except Exception as exc:  # storage failure at the marker: the cube is not complete
+            except Exception as exc:  # QA failed, or storage failure at the marker: the cube is not complete
                 row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
+                for name, value in qa.manifest_columns(getattr(exc, "qa", {})).items():
+                    setattr(row, name, value)
             rows[meta.ref.key] = row
             if progress:
                 progress("done", 1)
@@ -383,14 +389,13 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         elif slot.failed:
             row.status, row.error_type, row.error = "failed", "InferenceError", slot.failed
         else:
-            fut: concurrent.futures.Future[None]
+            fut: concurrent.futures.Future[Any]
             if FINISH_THREADS > 0:
                 fut = finisher.submit(finish_image, ctx, meta, slot.results)
             else:
                 fut = concurrent.futures.Future()
                 try:
-                    finish_image(ctx, meta, slot.results)
-                    fut.set_result(None)
+                    fut.set_result(finish_image(ctx, meta, slot.results))
                 except Exception as exc:
                     fut.set_exception(exc)
             finishing.append((fut, row, meta, slot.results))
@@ -577,6 +582,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             }
         }
     )
+    summary.published = publish_run(spec.output, opts)  # consolidated metadata, STAC, report.html
     for a in actors:
         ray.kill(a)
     return summary

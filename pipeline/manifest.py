@@ -39,6 +39,13 @@ SCHEMA = pa.schema(
         ("infer_s", pa.float64()),
         ("total_s", pa.float64()),
         ("run_id", pa.string()),
+        # QA of the cube (pipeline.qa; README "Outputs"): null where no cube was made.
+        ("qa_backprojection_mrae", pa.float64()),
+        ("qa_backprojection_rmse", pa.float64()),
+        ("qa_nonfinite_fraction", pa.float64()),
+        ("qa_negative_fraction", pa.float64()),
+        ("qa_above_one_fraction", pa.float64()),
+        ("qa_flags", pa.string()),
     ]
 )
 
@@ -63,6 +70,12 @@ class ManifestRow:
     infer_s: float | None = None
     total_s: float | None = None
     run_id: str = ""
+    qa_backprojection_mrae: float | None = None
+    qa_backprojection_rmse: float | None = None
+    qa_nonfinite_fraction: float | None = None
+    qa_negative_fraction: float | None = None
+    qa_above_one_fraction: float | None = None
+    qa_flags: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cubes, storage
+from pipeline import cubes, preview, qa, storage
 from pipeline.config import JobSpec
 from pipeline.errors import InputError
 from pipeline.provenance import host_info, now_utc, software_versions
@@ -284,6 +284,9 @@ class Predictor:
         self._batches, self._count_lock = 0, threading.Lock()
         self._opts = storage_options(ctx)
         weights = Weights.from_record(ctx.weights)
+        from drcr_model.camera import camera_response
+
+        self._response = camera_response(weights.camera, list(weights.bands_nm)).astype(np.float32)  # for qa
         self.model = weights.load(device=self.device, storage_options=self._opts)
         if ctx.spec.inference.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -304,6 +307,12 @@ class Predictor:
             t0, c0 = time.perf_counter(), time.thread_time()
             outputs = self._compute_batch(scale, tiles, windows)
             t1, c1 = time.perf_counter(), time.thread_time()
+        t_qa = time.perf_counter()
+        inputs = _core_inputs(scale, tiles, windows)
+        qa_stats = qa.tile_stats(inputs, outputs, self._response)
+        regions = [(t.core_y0, t.core_x0, o, x) for t, o, x in zip(tiles, outputs, inputs)]
+        preview.write_preview_regions(self.store, group, regions, self.ctx.bands_nm)
+        qa_s = time.perf_counter() - t_qa
         cubes.write_regions(
             self.store,
             group,
@@ -329,6 +338,8 @@ class Predictor:
             "host": host_info()["hostname"],
             "pid": os.getpid(),
             "peak_rss": peak_rss(),
+            "qa": qa_stats,
+            "qa_s": qa_s,  # QA statistics + preview rendering and writes
         }
 
     def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
@@ -358,10 +369,27 @@ class Predictor:
         return outputs
 
 
-def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]) -> None:
-    """Write the completion marker, with the finish time, devices, workers and timings."""
+def _core_inputs(scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
+    """The model's input over each tile's core, 3 × core_h × core_w float32 (what QA compares with)."""
+    return [
+        (w[tile.core_in_window].transpose(2, 0, 1) / np.float32(scale)).astype(np.float32)
+        for tile, w in zip(tiles, windows)
+    ]
+
+
+def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check the image's QA, then write the completion marker (finish time, devices, workers, timings, QA).
+
+    Returns the manifest's ``qa_*`` columns. Raises :class:`pipeline.qa.QAError` (the cube stays
+    incomplete) for non-finite output, or a threshold exceeded with ``qa.on_exceed = "fail"``.
+    """
     store = cubes.open_cubes(ctx.spec.output, storage_options(ctx))
+    result = qa.summarize(qa.reduce_stats([r["qa"] for r in results]), ctx.spec.qa.thresholds())
+    qa.check(result, fail_on_flags=ctx.spec.qa.on_exceed == "fail", label=storage.redact(meta.ref.key))
+    preview.write_thumbnails(store, ctx.spec.output, meta.group, storage_options(ctx))
     extra = {
+        "qa": result.to_dict(),
+        "preview": preview.describe(),
         "finished": now_utc(),
         "device": sorted({r["device"] for r in results}),
         "workers": sorted(
@@ -371,8 +399,10 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "decode_s": meta.decode_s,
             "infer_s": float(sum(r["infer_s"] for r in results)),
             "write_s": float(sum(r["write_s"] for r in results)),
+            "qa_s": float(sum(r.get("qa_s", 0.0) for r in results)),
         },
     }
     # Two inputs whose prepare tasks raced for one group: only the one the group records is marked complete.
     cubes.check_owner(cubes.read_status(store, meta.group), meta.group, meta.ref.key)
     cubes.mark_complete(store, meta.group, extra)
+    return qa.manifest_columns(result.to_dict())

@@ -108,14 +108,14 @@ def _group_files(fs: Any, cubes_path: str) -> dict[str, dict[str, str]]:
 
 
 def complete_groups(fs: Any, cubes_path: str) -> set[str]:
-    """Every group under ``cubes_path`` whose ``zarr.json`` says ``complete = true``."""
+    """Every group under ``cubes_path`` whose ``zarr.json`` says ``complete = 1``."""
     done = set()
     fs.invalidate_cache()
     for full in fs.find(cubes_path):
         if not full.endswith("/zarr.json"):
             continue
         meta = json.loads(fs.cat_file(full))
-        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") is True:
+        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") == 1:
             done.add(full[len(cubes_path) :].strip("/").removesuffix("zarr.json").rstrip("/"))
     return done
 
@@ -128,7 +128,7 @@ def complete_groups_local(root: Path) -> set[str]:
             meta = json.loads(p.read_text())
         except (OSError, ValueError):  # being written
             continue
-        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") is True:
+        if meta.get("node_type") == "group" and meta.get("attributes", {}).get("complete") == 1:
             done.add(str(p.parent.relative_to(root)))
     return done
 

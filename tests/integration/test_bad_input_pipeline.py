@@ -136,9 +136,9 @@ def check_case(case: Case, rows: list[dict[str, Any]], source: str, group_json: 
             if e.shape is not None:
                 assert (row["height"], row["width"]) == e.shape, (case.name, row)
             meta = group_json(row["group"])
-            assert meta["attributes"]["complete"] is True
+            assert meta["attributes"]["complete"] == 1
             if e.bit_depth is not None:
-                assert meta["attributes"]["drcr_pipeline"]["source"]["bit_depth"] == e.bit_depth, (case.name, row)
+                assert json.loads(meta["attributes"]["drcr_pipeline"])["source"]["bit_depth"] == e.bit_depth, (case.name, row)
         else:
             assert row["error_type"], row
             error = row["error"] or ""
@@ -153,9 +153,9 @@ def test_every_row_once_and_nothing_outside_the_prefix(corpus_run) -> None:  # t
     fs, name = corpus_run.fs, corpus_run.name
     fs.invalidate_cache()
     everything = fs.find(name)
-    outside = [
-        p for p in everything if not p.startswith((f"{name}/in/", f"{name}/out/cubes.zarr/", f"{name}/out/manifest/"))
-    ]
+    out = f"{name}/out/"
+    known = (f"{name}/in/", *(out + d for d in ("cubes.zarr/", "manifest/", "previews/", "stac/", "report.html")))
+    outside = [p for p in everything if not p.startswith(known)]
     assert outside == []
     groups = {r["group"] for r in rows if r["group"]}
     assert all(".." not in g.split("/") and not g.startswith("/") for g in groups)
@@ -178,8 +178,8 @@ def test_no_secret_in_outputs_or_logs(corpus_run) -> None:  # type: ignore[no-un
 
 
 def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The corpus from a local folder to a local output: every file written is under output/cubes.zarr or
-    output/manifest; the input folder is unchanged; nothing appears beside the output."""
+    """The corpus from a local folder to a local output: every file written is under output/cubes.zarr,
+    manifest, previews, stac or is output/report.html; the input folder is unchanged; nothing appears beside the output."""
     from pipeline.config import JobSpec
     from pipeline.execution import run_job
 
@@ -198,9 +198,8 @@ def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  #
     summary = run_job(spec)
     assert summary.ok + summary.failed + summary.skipped == sum(len(c.expected) for c in cases)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in before]
-    assert written and all(
-        p.is_relative_to(out / "cubes.zarr") or p.is_relative_to(out / "manifest") for p in written
-    ), written
+    places = [out / d for d in ("cubes.zarr", "manifest", "previews", "stac", "report.html")]
+    assert written and all(any(p.is_relative_to(d) for d in places) for p in written), written
     assert {p: p.read_bytes() for p in (tmp_path / "in").rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["in", "work"] and os.listdir(tmp_path / "work") == ["out"]
     assert not Path("/abs").exists()

@@ -92,8 +92,8 @@ def _check_output(out: Path) -> list[dict[str, Any]]:
     store = cubes.open_cubes(str(out), {})
     provs = []
     for r in rows:
-        attrs = zarr.open_group(store, path=r["group"], mode="r").attrs
-        assert attrs["complete"] is True
+        attrs = cubes.read_status(store, r["group"])
+        assert attrs is not None and attrs["complete"] is True
         assert zarr.open_array(store, path=f"{r['group']}/cube", mode="r").shape[0] == 31
         provs.append(attrs[cubes.ATTR])
     return provs

@@ -127,7 +127,7 @@ def test_non_utf8_names_recorded_readable(local_run) -> None:  # type: ignore[no
     assert "caf\\xe9.png" in names and "caf\\xe9 local.png" in names, sorted(names)
     record = next(r for r in local_run.rows if r["member"] == "caf\\xe9.png")
     attrs = json.loads((local_run.out / "cubes.zarr" / record["group"] / "zarr.json").read_text())["attributes"]
-    assert attrs["drcr_pipeline"]["source"]["member"] == "caf\\xe9.png"
+    assert json.loads(attrs["drcr_pipeline"])["source"]["member"] == "caf\\xe9.png"
 
 
 # --- one-line errors before any work -------------------------------------------------------------------------

@@ -86,7 +86,6 @@ def s3_env(archive_bucket, monkeypatch):  # type: ignore[no-untyped-def]
 
 def test_archives_in_bucket_to_cubes_in_bucket(archive_bucket, s3_env, ray_local) -> None:  # type: ignore[no-untyped-def]
     import xarray as xr
-    import zarr
 
     from drcr_model import reconstruct
     from drcr_model.weights import Weights
@@ -119,8 +118,8 @@ def test_archives_in_bucket_to_cubes_in_bucket(archive_bucket, s3_env, ray_local
         assert row["status"] == "ok", row
         ds = xr.open_zarr(store, group=row["group"], consolidated=False)
         assert ds.cube.dims == ("wavelength", "y", "x") and ds.cube.shape == (31, *imgs[name].shape[:2])
-        attrs = zarr.open_group(store, path=row["group"], mode="r").attrs
-        assert attrs["complete"] is True
+        attrs = cubes.read_status(store, row["group"])
+        assert attrs is not None and attrs["complete"] is True
         prov = attrs[cubes.ATTR]
         assert prov["source"]["sha256"] == row["source_sha256"] and prov["model"]["weights"]["sha256"]
         if prov["tiling"]["whole_image"]:

@@ -154,4 +154,5 @@ def test_prepare_killed_inside_create_cube_is_redone_whole(tmp_path, monkeypatch
     group = zarr.open_group(store, path=meta.group, mode="r")
     np.testing.assert_array_equal(group["wavelength"][:], np.asarray(ctx.bands_nm, np.float32))
     assert group["cube"].shape == (31, 8, 8)
-    assert group.attrs[cubes.ATTR]["job"]["run_id"] == "run-1" and group.attrs["complete"] is False
+    attrs = cubes.read_status(store, meta.group)
+    assert attrs is not None and attrs[cubes.ATTR]["job"]["run_id"] == "run-1" and attrs["complete"] is False

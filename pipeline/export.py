@@ -1,0 +1,152 @@
+"""Cubes out to the tools hyperspectral users already have: netCDF, ENVI and TIFF files, one per cube.
+
+* ``netcdf``: ``<name>.nc`` (netCDF-4 via xarray + h5netcdf), float32, the group's CF attributes and its
+  provenance JSON; opens with ``xarray.open_dataset`` / netCDF4 / Panoply.
+* ``envi``: ``<name>.hdr`` + ``<name>.img`` (band sequential float32, ``wavelength`` and
+  ``wavelength units = Nanometers`` in the header); opens with Spectral Python (``spectral.open_image``),
+  ENVI, QGIS/GDAL.
+* ``tiff``: ``<name>.tif`` (bands × y × x float32, the band centres in the description tag as JSON, deflate);
+  opens with tifffile, rasterio/GDAL, napari.
+
+Which cubes: the latest run's ``ok`` rows, optionally filtered by ``where``, a pandas query on the manifest's
+columns (``"qa_backprojection_mrae < 0.3 and width >= 64"``). Files are named after the group path
+(``/`` → ``__``). ENVI files are written band-row by band-row from the zarr chunks; netCDF and TIFF hold one
+cube in memory at a time. Needs the ``outputs`` extra (xarray, pandas, h5netcdf, spectral, tifffile).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import cubes, storage
+from pipeline.errors import ConfigError
+from pipeline.manifest import read_manifest
+from pipeline.stac import item_id
+
+__all__ = ["FORMATS", "select_rows", "export_cubes"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("netcdf", "envi", "tiff")
+
+
+def select_rows(
+    output: str, where: str | None, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The latest run's ``ok`` manifest rows matching ``where`` (a pandas ``DataFrame.query`` expression)."""
+    table = read_manifest(output, storage_options)
+    df = table.to_pandas()
+    df = df[(df["status"] == "ok") & df["group"].notna()]
+    if where:
+        try:
+            df = df.query(where)
+        except Exception as exc:  # pandas raises many types for a bad expression (syntax, name, type)
+            raise ConfigError(
+                f'--where {where!r}: {exc}; use manifest columns, e.g. "qa_backprojection_mrae < 0.3"'
+            ) from exc
+    return df.to_dict("records")
+
+
+def export_cubes(
+    output: str,
+    fmt: str,
+    *,
+    dest: str | None = None,
+    where: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Export the selected cubes of ``output`` to ``dest`` (default ``<output>/export/<fmt>``); returns the
+    URLs of the files written."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r}: must be one of {FORMATS}")
+    dest = dest or storage.join(output, "export", fmt)
+    store = cubes.open_cubes(output, storage_options, read_only=True)
+    writer = _WRITERS[fmt]
+    fs, base = storage.open_fs(dest, storage_options)
+    fs.makedirs(base, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="drcr-export-") as tmp:
+        for row in select_rows(output, where, storage_options):
+            name = item_id(row["group"])
+            files = writer(store, row["group"], Path(tmp) / name)
+            for f in files:
+                fs.put_file(str(f), f"{base.rstrip('/')}/{f.name}")
+                written.append(storage.join(dest, f.name))
+                f.unlink()
+            log.info("exported %s as %s", row["group"], fmt)
+    return written
+
+
+def _file(stem: Path, ext: str) -> Path:
+    """``stem`` + ``ext`` (group names hold dots, so not ``Path.with_suffix``)."""
+    return stem.parent / (stem.name + ext)
+
+
+def _arrays(store: Any, group: str) -> tuple[zarr.Array, list[float]]:
+    """The group's ``cube`` array (not read) and its band centres in nm."""
+    cube = zarr.open_array(store, path=f"{group}/cube", mode="r")
+    wl = zarr.open_array(store, path=f"{group}/wavelength", mode="r")
+    return cube, [float(v) for v in np.asarray(wl[:])]
+
+
+def _netcdf(store: Any, group: str, stem: Path) -> list[Path]:
+    import xarray as xr
+
+    ds = xr.open_zarr(store, group=group, consolidated=False)
+    ds["cube"] = ds["cube"].astype("float32")  # netCDF-4 has no float16
+    path = _file(stem, ".nc")
+    ds.to_netcdf(path, engine="h5netcdf", encoding={"cube": {"zlib": True, "complevel": 4}})
+    return [path]
+
+
+def _envi(store: Any, group: str, stem: Path) -> list[Path]:
+    import spectral.io.envi as envi
+
+    cube, wl = _arrays(store, group)
+    bands, h, w = cube.shape
+    meta = {
+        "description": f"drcr-pipeline cube {group}",
+        "wavelength": wl,
+        "wavelength units": "Nanometers",
+        "band names": [f"{v:g} nm" for v in wl],
+        "data ignore value": "nan",
+    }
+    hdr = _file(stem, ".hdr")
+    img = envi.create_image(str(hdr), meta, shape=(h, w, bands), dtype=np.float32, interleave="bsq", ext=".img")
+    mm = img.open_memmap(interleave="source", writable=True)  # bands × rows × cols for BSQ
+    step = cube.chunks[1]
+    for y0 in range(0, h, step):  # one chunk row at a time: never the whole cube in memory
+        mm[:, y0 : y0 + step, :] = np.asarray(cube[:, y0 : y0 + step, :], dtype=np.float32)
+    mm.flush()
+    del mm
+    return [hdr, _file(stem, ".img")]
+
+
+def _tiff(store: Any, group: str, stem: Path) -> list[Path]:
+    import tifffile
+
+    cube, wl = _arrays(store, group)
+    data = np.asarray(cube[:], dtype=np.float32)
+    path = _file(stem, ".tif")
+    description = json.dumps({"wavelength_nm": wl, "units": "1", "source": f"drcr-pipeline cube {group}"})
+    tifffile.imwrite(
+        path,
+        data,
+        photometric="minisblack",
+        planarconfig="separate",
+        compression="zlib",  # deflate: every TIFF reader has it
+        description=description,
+        metadata=None,
+    )
+    return [path]
+
+
+_WRITERS: dict[str, Callable[[Any, str, Path], list[Path]]] = {"netcdf": _netcdf, "envi": _envi, "tiff": _tiff}
