@@ -25,6 +25,7 @@ from zarr.abc.store import Store
 
 from pipeline import storage
 from pipeline.config import OutputSpec
+from pipeline.errors import PipelineError
 
 __all__ = [
     "CUBES_DIR",
@@ -38,11 +39,16 @@ __all__ = [
     "mark_complete",
     "read_status",
     "codecs_for",
+    "ForeignGroupError",
 ]
 
 CUBES_DIR = "cubes.zarr"
 ATTR = "drcr_pipeline"
 """Group attribute holding the provenance record; ``complete`` sits beside it."""
+
+
+class ForeignGroupError(PipelineError, RuntimeError):
+    """A group's provenance record belongs to another run."""
 
 
 def open_cubes(output: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False) -> Store:
@@ -158,11 +164,17 @@ def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.
         arr[:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
 
 
-def mark_complete(store: Store, path: str, extra: Mapping[str, Any]) -> None:
+def mark_complete(store: Store, path: str, extra: Mapping[str, Any], *, run_id: str | None = None) -> None:
     """Write the completion marker last: provenance updated with ``extra`` and ``complete = true``
-    in one rewrite of the group's ``zarr.json``."""
+    in one rewrite of the group's ``zarr.json``.
+
+    With ``run_id``, a group whose provenance record names another run is refused (``ForeignGroupError``):
+    a run never marks complete a cube another run recreated (issue 12: two runs on one output)."""
     group = zarr.open_group(store, path=path, mode="r+")
     record: dict[str, Any] = dict(group.attrs.get(ATTR, {}))  # type: ignore[arg-type]
+    owner = record.get("job", {}).get("run_id")
+    if run_id is not None and owner != run_id:
+        raise ForeignGroupError(f"{path}: the cube belongs to run {owner}, not {run_id}; not marked complete")
     record.update(extra)
     group.attrs.update({ATTR: record, "complete": True})
 

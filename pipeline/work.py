@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import cubes, storage
 from pipeline.config import JobSpec
 from pipeline.errors import InputError
+from pipeline.incremental import expected_chunks
 from pipeline.provenance import host_info, now_utc, software_versions
 from pipeline.sources import ImageRef, read_member
 from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
@@ -366,5 +367,7 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "infer_s": float(sum(r["infer_s"] for r in results)),
             "write_s": float(sum(r["write_s"] for r in results)),
         },
+        # Checked by a rerun against one listing of the store (pipeline.incremental.ChunkCounts).
+        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options),
     }
-    cubes.mark_complete(store, meta.group, extra)
+    cubes.mark_complete(store, meta.group, extra, run_id=ctx.run_id)
