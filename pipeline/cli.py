@@ -41,6 +41,15 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=float("inf"),
+        default=0.0,
+        metavar="SECONDS",
+        help="if another run holds the output's lease, wait for it (forever, or SECONDS) instead of exiting 1",
+    )
     show = sub.add_parser("show-spec", help="print the effective job spec (after overrides) as TOML")
     for a in ("--spec", "--output", "--weights"):
         show.add_argument(a)
@@ -70,12 +79,20 @@ def effective_spec(args: argparse.Namespace) -> JobSpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pipeline.execution import init_ray, run_job
+    from pipeline.execution import init_ray, new_run_id, run_job
+    from pipeline.lease import hold_lease
+    from pipeline.storage import resolve_storage_options
 
     spec = effective_spec(args)
-    init_ray(args.address or spec.ray.address, num_cpus=args.num_cpus)
+    # The lease first: a run refused because another holds the output exits before starting Ray.
+    with hold_lease(spec.output, new_run_id(), resolve_storage_options(spec.storage), wait_s=args.wait) as lease:
+        init_ray(args.address or spec.ray.address, num_cpus=args.num_cpus)
+        return _run_held(args, spec, lease, run_job)
+
+
+def _run_held(args: argparse.Namespace, spec: JobSpec, lease: Any, run_job: Any) -> int:
+    from tqdm import tqdm
+
     bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
 
     def progress(event: str, n: int) -> None:
@@ -86,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(n)
 
     try:
-        summary = run_job(spec, progress=progress)
+        summary = run_job(spec, progress=progress, lease=lease)
     finally:
         bar.close()
     if args.json:
@@ -95,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"{spec.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped; "
             f"{summary.megapixels:.2f} MP in {summary.elapsed_s:.1f} s ({summary.megapixels_per_s:.3f} MP/s)\n"
-            f"manifest: {summary.manifest}"
+            f"manifest: {summary.manifest}\ncatalog: {summary.catalog}"
         )
     return EXIT_INPUTS_FAILED if summary.failed else EXIT_OK
 

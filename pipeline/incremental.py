@@ -216,7 +216,7 @@ def catalog_updates(
     images_per_source: collections.Counter[str] = collections.Counter(
         normalize_url(refs[r.input].source)
         for r in rows
-        if r.input in refs and r.member is not None and r.error_type != "RejectedMember"
+        if r.input in refs and r.member is not None and r.error_type not in ("RejectedMember", UNCHANGED)
     )
     for row in unchanged:
         images_per_source[row.source] += 1 if row.member is not None else 0

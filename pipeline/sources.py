@@ -423,9 +423,11 @@ def _counted(ref: ImageRef, seen: Counter[str]) -> ImageRef:
     return dataclasses.replace(ref, occurrence=n) if n else ref
 
 
-def _tar_version(info: tarfile.TarInfo) -> str:
-    """A tar member's change token from its header alone: size and mtime (what ``tar`` and ``rsync`` compare)."""
-    return f"{info.size}:tar-mtime:{info.mtime}"
+def _tar_version(info: tarfile.TarInfo) -> str | None:
+    """A tar member's change token from its header alone: size and mtime (what ``tar`` and ``rsync`` compare).
+    ``None`` for mtime 0 (reproducible-build archives): size alone cannot tell an edit, so such a member of a
+    changed archive is read and hashed."""
+    return f"{info.size}:tar-mtime:{info.mtime}" if info.mtime else None
 
 
 def _scan_targz(
