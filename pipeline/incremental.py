@@ -122,10 +122,14 @@ def plan_refs(refs: Iterable[ImageRef], catalog: Mapping[str, CatalogRow], finge
             continue
         seen.add(ref.key)
         row = catalog.get(ref.key)
-        if row is not None and ref.version is not None and row.source_version == ref.version:
-            if row.fingerprint == fingerprint:
-                plan.unchanged.append(row)
-                continue
+        if (
+            row is not None
+            and ref.version is not None
+            and row.source_version == ref.version
+            and row.fingerprint == fingerprint
+        ):
+            plan.unchanged.append(row)
+            continue
         plan.todo.append(ref)
     return plan
 
@@ -211,67 +215,68 @@ def catalog_updates(
     archive_versions: Mapping[str, str | None],
 ) -> list[CatalogRow]:
     """Catalog rows for this run: a new row per converted cube, a refreshed one per cube found unchanged
-    (skipped without reading, or read and found to have the same sha256)."""
-    rows = list(rows)
-    images_per_source: collections.Counter[str] = collections.Counter(
+    (skipped without reading, or read and found to have the same sha256). Archive rows carry the archive's
+    token and image count, so the next run can skip the whole archive without listing it."""
+    rows, unchanged = list(rows), list(unchanged)
+    images: collections.Counter[str] = collections.Counter(
         normalize_url(refs[r.input].source)
         for r in rows
         if r.input in refs and r.member is not None and r.error_type not in ("RejectedMember", UNCHANGED)
     )
-    for row in unchanged:
-        images_per_source[row.source] += 1 if row.member is not None else 0
+    images.update(u.source for u in unchanged if u.member is not None)
     versions = {normalize_url(u): v for u, v in archive_versions.items()}
     out = [
-        r.seen(
-            facts.run_id,
-            facts.when,
-            archive_version=versions.get(r.source, r.archive_version),
-            archive_images=images_per_source[r.source],
-        )
-        if r.member is not None
-        else r.seen(facts.run_id, facts.when)
-        for r in unchanged
+        u.seen(facts.run_id, facts.when, archive_version=versions.get(u.source), archive_images=images[u.source])
+        if u.member is not None
+        else u.seen(facts.run_id, facts.when)
+        for u in unchanged
     ]
     for row in rows:
         ref = refs.get(row.input)
-        done = row.status == "ok" or (row.status == "skipped" and row.error_type is None and row.group)
+        done = row.status == "ok" or (row.status == "skipped" and row.error_type is None)
         if ref is None or not done or row.group is None or row.width is None or row.height is None:
             continue
         source = normalize_url(ref.source)
-        member_facts = {
+        member: dict[str, Any] = {
             "source_version": ref.version,
             "source_bytes": row.source_bytes if row.source_bytes is not None else ref.size,
             "archive_version": versions.get(source) if ref.member is not None else None,
-            "archive_images": images_per_source[source] if ref.member is not None else None,
+            "archive_images": images[source] if ref.member is not None else None,
             "tar_offset": ref.offset,
         }
         prior = previous.get(ref.key)
         if row.status == "skipped" and prior is not None and prior.source_sha256 == row.source_sha256:
-            out.append(prior.seen(facts.run_id, facts.when, **member_facts))
-            continue
-        out.append(
-            CatalogRow(
-                input=ref.key,
-                cube_url=_absolute(storage.join(facts.output, cubes.CUBES_DIR, row.group)),
-                group=row.group,
-                source=source,
-                member=ref.member,
-                occurrence=ref.occurrence,
-                source_sha256=row.source_sha256,
-                weights_sha256=facts.weights_sha256,
-                fingerprint=facts.fingerprint,
-                package_version=facts.package_version,
-                shape=(facts.bands, row.height, row.width),
-                dtype=facts.output_spec.dtype,
-                chunks=expected_chunks(row.height, row.width, facts.output_spec),
-                run_id=facts.run_id if row.status == "ok" else (prior.run_id if prior else ""),
-                completed=facts.when if row.status == "ok" else (prior.completed if prior else None),
-                last_seen_run=facts.run_id,
-                last_seen=facts.when,
-                **member_facts,
-            )
-        )
+            out.append(prior.seen(facts.run_id, facts.when, **member))
+        else:
+            out.append(_new_row(facts, row, ref, prior if row.status == "skipped" else None, member))
     return out
+
+
+def _new_row(
+    facts: RunFacts, row: ManifestRow, ref: ImageRef, prior: CatalogRow | None, member: Mapping[str, Any]
+) -> CatalogRow:
+    """The catalog row of a cube completed by this run (or, ``prior`` given, by the run it names)."""
+    assert row.group is not None and row.height is not None and row.width is not None
+    return CatalogRow(
+        input=ref.key,
+        cube_url=_absolute(storage.join(facts.output, cubes.CUBES_DIR, row.group)),
+        group=row.group,
+        source=normalize_url(ref.source),
+        member=ref.member,
+        occurrence=ref.occurrence,
+        source_sha256=row.source_sha256,
+        weights_sha256=facts.weights_sha256,
+        fingerprint=facts.fingerprint,
+        package_version=facts.package_version,
+        shape=(facts.bands, row.height, row.width),
+        dtype=facts.output_spec.dtype,
+        chunks=expected_chunks(row.height, row.width, facts.output_spec),
+        run_id=prior.run_id if prior else facts.run_id,
+        completed=prior.completed if prior else facts.when,
+        last_seen_run=facts.run_id,
+        last_seen=facts.when,
+        **member,
+    )
 
 
 def _absolute(url: str) -> str:
@@ -311,7 +316,9 @@ class Planner:
         for url, kind in inputs:
             rows = None
             if kind != "file" and self.catalog:
-                rows = plan_archive(url, self.versions.get(url), self._sources.get(normalize_url(url), []), self.fingerprint)
+                rows = plan_archive(
+                    url, self.versions.get(url), self._sources.get(normalize_url(url), []), self.fingerprint
+                )
             if rows is not None and all(self.chunks.intact(r) for r in rows):
                 self.unchanged.extend(rows)
                 continue

@@ -129,9 +129,7 @@ class Lease:
         current = _read(self.fs, self.path)
         if current is None or current.run_id != self.run_id:
             self.lost = True
-            log.error(
-                "lease on %s lost to %s", storage.redact(self.path), current.describe() if current else "nobody"
-            )
+            log.error("lease on %s lost to %s", storage.redact(self.path), current.describe() if current else "nobody")
             return False
         now = time.time()
         self.record = dataclasses.replace(self.record, heartbeat=now, expires=now + self.ttl_s)

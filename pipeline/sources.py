@@ -387,7 +387,12 @@ def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
             return _partition(
                 (
                     ImageRef(
-                        url, info.name, "tar", offset=info.offset_data, size=info.size, index=index,
+                        url,
+                        info.name,
+                        "tar",
+                        offset=info.offset_data,
+                        size=info.size,
+                        index=index,
                         version=_tar_version(info),
                     ),
                     _tar_reason(info),
@@ -497,7 +502,11 @@ def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
             return _partition(
                 (
                     ImageRef(
-                        url, info.filename, "zip", size=info.file_size, index=index,
+                        url,
+                        info.filename,
+                        "zip",
+                        size=info.file_size,
+                        index=index,
                         version=f"{info.file_size}:crc32:{info.CRC:08x}",
                     ),
                     _zip_reason(info),

@@ -207,3 +207,20 @@ def test_two_racing_writers_on_a_store_without_conditional_writes_get_one_winner
         t.join()
     del fs.pipe_file
     assert len(won) == 1 and len(errors) == 1
+
+
+def test_the_cli_refuses_a_second_run_with_exit_1_naming_the_holder_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    out = str(tmp_path / "out")
+    (tmp_path / "a.png").write_bytes(b"not read")
+    with lease.hold_lease(out, "nightly-1", settle_s=0):
+        rc = main(["run", "--input", str(tmp_path / "a.png"), "--output", out, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "is in use by run nightly-1 on" in err and "--wait" in err
+    import sys as _sys
+
+    assert "ray" not in _sys.modules or not _sys.modules["ray"].is_initialized()
