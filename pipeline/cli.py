@@ -110,7 +110,8 @@ def _run_held(args: argparse.Namespace, spec: JobSpec, lease: Any, run_job: Any)
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print(
-            f"{spec.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped; "
+            f"{spec.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
+            f"{f' ({summary.unchanged} unchanged, not read)' if summary.unchanged else ''}; "
             f"{summary.megapixels:.2f} MP in {summary.elapsed_s:.1f} s ({summary.megapixels_per_s:.3f} MP/s)\n"
             f"manifest: {summary.manifest}\ncatalog: {summary.catalog}"
         )

@@ -65,6 +65,8 @@ class RunSummary:
     """Inference actors started (0 when every input was unchanged)."""
     prepared: int = 0
     """Prepare tasks started (inputs read)."""
+    unchanged: int = 0
+    """Inputs skipped without reading: unchanged since the catalog's run (counted in ``skipped``)."""
     nodes: list[str] = dataclasses.field(default_factory=list)
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
@@ -602,6 +604,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
         compute=compute_stats(all_results),
         actors=len(actors),
         prepared=counters["prepared"],
+        unchanged=len(planner.unchanged),
     )
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)

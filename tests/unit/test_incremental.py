@@ -224,3 +224,17 @@ def test_the_cli_refuses_a_second_run_with_exit_1_naming_the_holder_before_start
     import sys as _sys
 
     assert "ray" not in _sys.modules or not _sys.modules["ray"].is_initialized()
+
+
+def test_a_run_never_marks_complete_a_cube_another_run_recreated(tmp_path: Path) -> None:
+    from pipeline import cubes
+
+    store = cubes.open_cubes(str(tmp_path))
+    cubes.create_cube(
+        store, "g", height=4, width=4, bands_nm=[400.0, 500.0], spec=OutputSpec(chunk=4), provenance={"job": {"run_id": "run-B"}}
+    )
+    with pytest.raises(cubes.ForeignGroupError, match="belongs to run run-B"):
+        cubes.mark_complete(store, "g", {}, run_id="run-A")
+    assert cubes.read_status(store, "g")["complete"] is False  # type: ignore[index]
+    cubes.mark_complete(store, "g", {}, run_id="run-B")
+    assert cubes.read_status(store, "g")["complete"] is True  # type: ignore[index]
