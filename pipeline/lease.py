@@ -39,8 +39,9 @@ __all__ = ["LEASE_PATH", "LeaseHeldError", "LeaseRecord", "Lease", "hold_lease",
 log = logging.getLogger(__name__)
 
 LEASE_PATH = "lease.json"
-TTL_S = 120.0
-"""A lease not renewed for this long is expired and may be taken over (heartbeat every ``TTL_S / 3``)."""
+TTL_S = float(os.environ.get("DRCR_LEASE_TTL_S", "120"))
+"""A lease not renewed for this long is expired and may be taken over (heartbeat every ``TTL_S / 3``);
+``DRCR_LEASE_TTL_S`` overrides it (tests that kill a driver and rerun at once)."""
 SETTLE_S = 1.0
 """Seconds between writing the lease and reading it back (longer than a PUT takes to become visible)."""
 
@@ -57,11 +58,35 @@ class LeaseRecord:
     started: float
     heartbeat: float
     expires: float
+    machine: str = ""
+    """Boot id and PID namespace of the holder: where they equal ours, its pid can be checked for life."""
 
     def describe(self) -> str:
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.heartbeat))
         left = self.expires - time.time()
         return f"run {self.run_id} on {self.host} (pid {self.pid}), last heartbeat {iso}, expires in {left:.0f} s"
+
+
+def _machine() -> str:
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _gone(record: LeaseRecord) -> bool:
+    """The holder ran in this very PID namespace of this boot, and its process no longer exists (a
+    driver killed outright): its lease need not be waited out."""
+    if not record.machine or record.machine != _machine() or record.host != socket.gethostname():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _lease_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[AbstractFileSystem, str]:
@@ -197,16 +222,22 @@ def _try_take(fs: AbstractFileSystem, path: str, run_id: str, ttl_s: float, sett
     """One attempt: ``None`` when the lease is now ours, else the record of the run that holds it."""
     now = time.time()
     ours = LeaseRecord(
-        run_id=run_id, host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now, expires=now + ttl_s
+        run_id=run_id,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=now,
+        heartbeat=now,
+        expires=now + ttl_s,
+        machine=_machine(),
     )
     current = _read(fs, path)
-    if current is not None and current.run_id != run_id and current.expires > now:
+    if current is not None and current.run_id != run_id and current.expires > now and not _gone(current):
         return current
     if current is None:
         if not _create(fs, path, _encode(ours)):
             return _read(fs, path) or ours
     else:
-        log.warning("taking over the expired lease of %s", current.describe())
+        log.warning("taking over the expired (or orphaned) lease of %s", current.describe())
         storage.write_bytes(fs, path, _encode(ours))
     time.sleep(settle_s)
     back = _read(fs, path)

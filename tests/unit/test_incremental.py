@@ -238,3 +238,15 @@ def test_a_run_never_marks_complete_a_cube_another_run_recreated(tmp_path: Path)
     assert cubes.read_status(store, "g")["complete"] is False  # type: ignore[index]
     cubes.mark_complete(store, "g", {}, run_id="run-B")
     assert cubes.read_status(store, "g")["complete"] is True  # type: ignore[index]
+
+
+def test_a_lease_whose_holder_process_is_gone_is_taken_over_at_once(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    holder = subprocess.run(
+        [sys.executable, "-c", f"from pipeline.lease import acquire; acquire({out!r}, 'killed-run', settle_s=0)"],
+        check=True,
+    )
+    assert holder.returncode == 0 and lease.read_lease(out).run_id == "killed-run"  # type: ignore[union-attr]
+    taken = lease.acquire(out, "next-run", settle_s=0)  # same machine and PID namespace, holder pid gone
+    assert lease.read_lease(out).run_id == "next-run"  # type: ignore[union-attr]
+    taken.release()
