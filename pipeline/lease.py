@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -69,7 +70,7 @@ class LeaseRecord:
 
 def _machine() -> str:
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
