@@ -608,6 +608,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
     )
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
+    lease.check()  # a run that lost the output to another must not overwrite its manifest and catalog
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
     facts = RunFacts(
         output=spec.output,

@@ -162,6 +162,15 @@ class Lease:
         storage.write_bytes(self.fs, self.path, _encode(self.record))
         return True
 
+    def check(self) -> None:
+        """Raise :class:`LeaseHeldError` if another run took the lease over (see :attr:`lost`)."""
+        if self.lost or not self.renew():
+            holder = _read(self.fs, self.path)
+            raise LeaseHeldError(
+                f"run {self.run_id} lost the output's lease to {holder.describe() if holder else 'nobody'} "
+                "(it stalled past its expiry); its results are not recorded"
+            )
+
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:

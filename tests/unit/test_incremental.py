@@ -250,3 +250,15 @@ def test_a_lease_whose_holder_process_is_gone_is_taken_over_at_once(tmp_path: Pa
     taken = lease.acquire(out, "next-run", settle_s=0)  # same machine and PID namespace, holder pid gone
     assert lease.read_lease(out).run_id == "next-run"  # type: ignore[union-attr]
     taken.release()
+
+
+def test_a_run_that_lost_its_lease_is_told_before_it_records_anything(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    a = lease.acquire(out, "run-A", settle_s=0)
+    a.check()  # still ours
+    _expire(out)
+    b = lease.acquire(out, "run-B", settle_s=0)
+    with pytest.raises(lease.LeaseHeldError, match="run-A lost the output's lease to run run-B"):
+        a.check()
+    a._stop.set()
+    b.release()
