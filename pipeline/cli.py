@@ -42,6 +42,15 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=float("inf"),
+        default=0.0,
+        metavar="SECONDS",
+        help="if another run holds the output's lease, wait for it (forever, or SECONDS) instead of exiting 1",
+    )
     show = sub.add_parser("show-spec", help="print the effective job spec (after overrides) as TOML")
     for a in ("--spec", "--output", "--weights"):
         show.add_argument(a)
@@ -122,8 +131,6 @@ def _check_storage(spec: JobSpec) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     spec = effective_spec(args)
     _check_storage(spec)
     address = args.address or spec.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -131,9 +138,19 @@ def _run(args: argparse.Namespace) -> int:
         # Ray reads this once, when ray is imported: with "0" a local Ray stays on the loopback address it
         # is given instead of resolving 127.0.0.1 to the host's routable address (issue 15, item 15).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from pipeline.execution import init_ray, run_job
+    from pipeline.execution import init_ray, new_run_id, run_job
+    from pipeline.lease import hold_lease
+    from pipeline.storage import resolve_storage_options
 
-    init_ray(address, num_cpus=args.num_cpus)
+    # The lease first: a run refused because another holds the output exits before starting Ray.
+    with hold_lease(spec.output, new_run_id(), resolve_storage_options(spec.storage), wait_s=args.wait) as lease:
+        init_ray(address, num_cpus=args.num_cpus)
+        return _run_held(args, spec, lease, run_job)
+
+
+def _run_held(args: argparse.Namespace, spec: JobSpec, lease: Any, run_job: Any) -> int:
+    from tqdm import tqdm
+
     bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
 
     def progress(event: str, n: int) -> None:
@@ -144,16 +161,17 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(n)
 
     try:
-        summary = run_job(spec, progress=progress)
+        summary = run_job(spec, progress=progress, lease=lease)
     finally:
         bar.close()
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print(
-            f"{spec.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped; "
+            f"{spec.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
+            f"{f' ({summary.unchanged} unchanged, not read)' if summary.unchanged else ''}; "
             f"{summary.megapixels:.2f} MP in {summary.elapsed_s:.1f} s ({summary.megapixels_per_s:.3f} MP/s)\n"
-            f"manifest: {summary.manifest}"
+            f"manifest: {summary.manifest}\ncatalog: {summary.catalog}"
         )
         if summary.published.get("report"):  # with --json it is in the summary's "published"
             print(f"report: {summary.published['report']}")

@@ -355,8 +355,13 @@ class JobSpec:
         return JobSpec.from_dict(d)
 
     def fingerprint(self, weights_sha256: str) -> str:
-        """sha256 of everything that changes the cubes' bytes (for resume: same fingerprint → same output)."""
+        """sha256 of everything that changes the cubes' bytes (for resume: same fingerprint → same output).
+
+        The package version is in it: a release that fixes decoding or tiling redoes the cubes made before."""
+        from pipeline import __version__
+
         relevant = {
+            "package_version": __version__,
             "weights_sha256": weights_sha256,
             "inference": dataclasses.asdict(self.inference) | {"device": None},
             "tiling": dataclasses.asdict(self.tiling),

@@ -48,7 +48,7 @@ from zarr.core.sync import sync
 
 from pipeline import preview, storage
 from pipeline.config import OutputSpec
-from pipeline.errors import GroupCollisionError, InputError
+from pipeline.errors import GroupCollisionError, InputError, PipelineError
 
 __all__ = [
     "CUBES_DIR",
@@ -67,6 +67,7 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "ForeignGroupError",
 ]
 
 CUBES_DIR = "cubes.zarr"
@@ -97,6 +98,10 @@ WAVELENGTH_ATTRS = {
     "long_name": "band centre wavelength",
     "units": "nm",
 }
+
+
+class ForeignGroupError(PipelineError, RuntimeError):
+    """A group's provenance record belongs to another run."""
 
 
 def open_cubes(output: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False) -> Store:
@@ -495,12 +500,18 @@ def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.
         arr[:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
 
 
-def mark_complete(store: Store, path: str, extra: Mapping[str, Any]) -> None:
+def mark_complete(store: Store, path: str, extra: Mapping[str, Any], *, run_id: str | None = None) -> None:
     """Write the completion marker last: provenance updated with ``extra`` and ``complete = true``
-    in one rewrite of the group's ``zarr.json``."""
+    in one rewrite of the group's ``zarr.json``.
+
+    With ``run_id``, a group whose provenance record names another run is refused (``ForeignGroupError``):
+    a run never marks complete a cube another run recreated (issue 12: two runs on one output)."""
     group = zarr.open_group(store, path=path, mode="r+")
     attrs = _decode(group.attrs)
     record: dict[str, Any] = dict(attrs.get(ATTR, {}))
+    owner = record.get("job", {}).get("run_id")
+    if run_id is not None and owner != run_id:
+        raise ForeignGroupError(f"{path}: the cube belongs to run {owner}, not {run_id}; not marked complete")
     record.update(extra)
     history = str(attrs.get("history", ""))
     finished = f"{record.get('finished', '')} drcr-pipeline {record.get('job', {}).get('run_id', '')}: completed"

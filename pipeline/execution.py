@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import time
@@ -25,9 +26,12 @@ from typing import Any
 
 import ray
 
-from pipeline import cubes, qa, storage
+from pipeline import __version__, cubes, qa, storage
+from pipeline.catalog import merge, read_catalog, write_catalog
 from pipeline.config import JobSpec
 from pipeline.errors import ConfigError, InputError
+from pipeline.incremental import Planner, RunFacts, catalog_updates, unchanged_row
+from pipeline.lease import Lease, hold_lease
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
 from pipeline.publish import publish_run
@@ -59,6 +63,13 @@ class RunSummary:
     manifest: str = ""
     published: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What :func:`pipeline.publish.publish_run` wrote (``report``: the HTML report's URL, ``stac``, …)."""
+    catalog: str = ""
+    actors: int = 0
+    """Inference actors started (0 when every input was unchanged)."""
+    prepared: int = 0
+    """Prepare tasks started (inputs read)."""
+    unchanged: int = 0
+    """Inputs skipped without reading: unchanged since the catalog's run (counted in ``skipped``)."""
     nodes: list[str] = dataclasses.field(default_factory=list)
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
@@ -242,14 +253,34 @@ def _row(ctx: JobContext, ref: ImageRef, **kw: Any) -> ManifestRow:
     )
 
 
-def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None) -> RunSummary:
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    progress: Callable[[str, int], None] | None = None,
+    lease: Lease | None = None,
+    wait_s: float = 0.0,
+) -> RunSummary:
     """Run ``spec`` on the Ray cluster this process is connected to (``init_ray`` first).
 
     ``progress(event, n)`` is called with ("total", n) once the inputs are known and ("done", 1) per input.
-    Returns the run summary; the manifest and root attributes are written before returning.
+    Returns the run summary; the manifest, catalog and root attributes are written before returning.
+    The output's lease (:mod:`pipeline.lease`) is held for the run: ``lease`` if the caller took it, else
+    taken here, waiting up to ``wait_s`` for another run to finish (``LeaseHeldError`` after that).
     """
+    if lease is None:
+        opts = storage.resolve_storage_options(spec.storage)
+        with hold_lease(spec.output, new_run_id(), opts, wait_s=wait_s) as held:
+            return _run_job(spec, progress, held)
+    return _run_job(spec, progress, lease)
+
+
+def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: Lease) -> RunSummary:
     t_start = time.perf_counter()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = lease.run_id
     weights = resolve_weights(spec)
     ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
     opts = storage_options(ctx)
@@ -288,24 +319,32 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
     rows: dict[str, ManifestRow] = {r.ref.key: _rejected_row(ctx, r) for r in unconverted}  # every file gets a row
     work: collections.deque[Any] = collections.deque()
     listings = []
-    for url, kind in found:
+    # Issue 12: plan against the catalog, so unchanged inputs are skipped without being read.
+    previous = read_catalog(spec.output, opts)
+    planner = Planner(spec.output, previous, ctx.fingerprint, opts)
+    listed: list[ImageRef] = []
+    for url, kind in planner.inputs(found):
         if kind == "file":
-            work.append(("ref", ImageRef(source=url, member=None, kind="file")))
+            listed.append(planner.file_ref(url))
         elif kind == "targz":
             work.append(("targz", url))
         else:
             listings.append((url, _list_task.remote(url, kind, ctx)))
     for url, ref in listings:
-        listed = ray.get(ref)
-        if isinstance(listed, Exception):
-            rows[url] = _archive_row(url, run_id, listed)
+        listed_now = ray.get(ref)
+        if isinstance(listed_now, Exception):
+            rows[url] = _archive_row(url, run_id, listed_now)
             continue
-        images, rejected = listed
-        work.extend(("ref", r) for r in images)
+        images, rejected = listed_now
+        listed.extend(images)
         if not images:
             rows[url] = _archive_row(url, run_id, NO_IMAGES)
         for rej in rejected:
             rows[rej.ref.key] = _rejected_row(ctx, rej)
+    refs = {r.key: r for r in listed}
+    work.extend(("ref", r) for r in planner.refs(listed))
+    for cat_row in planner.unchanged:
+        rows[cat_row.input] = unchanged_row(cat_row, run_id)
     if progress:
         progress("total", len(work) + len(rows))
         progress("done", len(rows))
@@ -316,7 +355,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         _PredictorActor.options(  # type: ignore[attr-defined]
             num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus, max_concurrency=concurrency
         ).remote(ctx, spec.ray.num_cpus_per_actor)
-        for _ in range(spec.ray.actors)
+        for _ in range(spec.ray.actors if work else 0)  # nothing new or changed: no actor starts
     ]
     load = [0] * len(actors)
     batches: collections.deque[tuple[_Slot, list[Any]]] = collections.deque()
@@ -356,10 +395,12 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
                 progress("done", 1)
 
     prepare = _prepare_remote(spec)
+    counters = {"prepared": 0}
 
     def start_image(item: Any) -> None:
         kind, value = item
         gen = prepare.remote(ctx, value) if kind == "ref" else prepare.remote(ctx, None, value)
+        counters["prepared"] += 1
         label = value if kind == "ref" else ImageRef(source=f"<tar.gz entry {id(gen):x}>", member=None, kind="targz")
         slot = _Slot(gen=gen, label=label, t0=time.perf_counter())
         slots[gen] = slot
@@ -369,6 +410,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         if meta is None:
             return
         del slots[slot.gen]
+        refs.setdefault(meta.ref.key, meta.ref)
         peaks["actor"] = max([peaks["actor"]] + [int(r.get("peak_rss", 0)) for r in slot.results])
         row = _row(
             ctx,
@@ -411,6 +453,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
             slot.outstanding += 1
 
     def next_work() -> Any | None:
+        if lease.lost:  # another run took the output over: start nothing more
+            return None
         if work:
             return work.popleft()
         return None
@@ -567,10 +611,26 @@ def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None
         nodes=sorted(nodes),
         peak_rss={"driver": peak_rss(), **peaks},
         compute=compute_stats(all_results),
+        actors=len(actors),
+        prepared=counters["prepared"],
+        unchanged=len(planner.unchanged),
     )
     for row in rows.values():
         setattr(summary, row.status, getattr(summary, row.status) + 1)
+    lease.check()  # a run that lost the output to another must not overwrite its manifest and catalog
     summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
+    facts = RunFacts(
+        output=spec.output,
+        run_id=run_id,
+        fingerprint=ctx.fingerprint,
+        weights_sha256=str(weights["sha256"]),
+        package_version=__version__,
+        bands=len(ctx.bands_nm),
+        output_spec=spec.output_options,
+        when=datetime.datetime.now(datetime.UTC),
+    )
+    updates = catalog_updates(facts, previous, rows.values(), refs, planner.unchanged, planner.versions)
+    summary.catalog = write_catalog(spec.output, merge(previous, updates), opts)
     root.attrs.update(
         {
             "drcr_pipeline_run": {

@@ -1,7 +1,8 @@
 """The Parquet manifest: one row per input with its outcome, under ``<output>/manifest/``.
 
 ``manifest/manifest.parquet`` is the latest run's full account (every input of the run exactly once:
-``ok``, ``failed`` or ``skipped``); ``manifest/runs/<run_id>.parquet`` keeps each run's copy.
+``ok``, ``failed`` or ``skipped``); ``manifest/runs/<run_id>.parquet`` keeps each run's copy. Every cube
+ever completed, whichever run made it, is in the catalog (:mod:`pipeline.catalog`).
 Readable with ``pyarrow.parquet.read_table`` or ``pandas.read_parquet``.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import open_fs, readable
+from pipeline.storage import open_fs, readable, write_bytes
 
 __all__ = ["ManifestRow", "SCHEMA", "write_manifest", "read_manifest", "STATUSES"]
 
@@ -102,8 +103,10 @@ def write_manifest(
     data = buf.getvalue()
     base = path.rstrip("/") + "/manifest"
     fs.makedirs(base + "/runs", exist_ok=True)
-    fs.pipe_file(f"{base}/runs/{run_id}.parquet", data)
-    fs.pipe_file(f"{base}/manifest.parquet", data)
+    # Whole-object replaces (temp + rename locally, one PUT on S3): a writer killed mid-write leaves the
+    # previous manifest readable.
+    write_bytes(fs, f"{base}/runs/{run_id}.parquet", data)
+    write_bytes(fs, f"{base}/manifest.parquet", data)
     return f"{output.rstrip('/')}/manifest/manifest.parquet"
 
 

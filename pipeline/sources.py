@@ -34,13 +34,17 @@ zip entries sharing bytes (overlapping-entry bomb)     the archive fails: ``over
 any other regular file (``.txt``, ``.json`` ...)       rejected: ``not an image extension``
 =====================================================  =====================================================
 
-Duplicate member names are all kept; :attr:`ImageRef.index` (the position among all archive entries) tells them
-apart and is part of :attr:`ImageRef.key`. Image extensions: ``.jpg .jpeg .png .tif .tiff .bmp .webp .gif``,
+Duplicate member names are all kept; :attr:`ImageRef.occurrence` (how many earlier entries had the same name)
+tells them apart and is part of :attr:`ImageRef.key`, which never depends on a member's position (issue 12: a
+member added first must not change the identity of the others). :attr:`ImageRef.version` is the listing's change
+token (tar header size + mtime, zip CRC-32 + size, file size + ETag/mtime) that lets a rerun skip an unchanged
+input without reading it. Image extensions: ``.jpg .jpeg .png .tif .tiff .bmp .webp .gif``,
 case-insensitive. A corrupt or truncated archive raises :class:`~pipeline.errors.ArchiveError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import logging
@@ -51,6 +55,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -75,6 +80,8 @@ __all__ = [
     "kind_of",
     "list_members",
     "read_member",
+    "normalize_url",
+    "version_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,7 +124,10 @@ class ImageRef:
         kind: ``"file"``, ``"tar"``, ``"zip"`` or ``"targz"``.
         offset: byte offset of a tar member's data in the archive (for a ranged read), else ``None``.
         size: size in bytes (uncompressed), if known.
-        index: position among all entries of the archive (0 for a plain file); separates duplicate names.
+        index: position among all entries of the archive (0 for a plain file); how a member is found again
+            when read, never part of its identity.
+        occurrence: how many earlier entries of the archive have the same member name (0 for the first).
+        version: change token from the listing (see :func:`version_of`), ``None`` if unknown.
     """
 
     source: str
@@ -126,13 +136,18 @@ class ImageRef:
     offset: int | None = None
     size: int | None = None
     index: int = 0
+    occurrence: int = 0
+    version: str | None = None
 
     @property
     def key(self) -> str:
-        """Stable unique id: ``source`` for a plain file, ``source!member@index`` for an archive member."""
+        """Stable unique id: the normalised source URL, then ``!member`` for an archive member and ``#n`` for
+        the n-th repeat of a member name. The same file spelt ``/x/a.png``, ``file:///x/a.png`` or
+        ``/x/../x/a.png`` has one key; a member keeps its key when other members are added before it."""
+        url = normalize_url(self.source)
         if self.member is None:
-            return self.source
-        return f"{self.source}!{self.member}@{self.index}"
+            return url
+        return f"{url}!{self.member}" + (f"#{self.occurrence}" if self.occurrence else "")
 
     @property
     def name(self) -> str:
@@ -156,6 +171,40 @@ def kind_of(name: str) -> Kind | None:
             return kind
     if posixpath.splitext(lower)[1] in IMAGE_EXTENSIONS:
         return "file"
+    return None
+
+
+def normalize_url(url: str) -> str:
+    """One spelling per object: local paths (with or without ``file://``) become absolute ``file://`` URLs with
+    ``.``/``..`` resolved (symlinks are not followed); other URLs get a lower-case protocol and a normalised
+    key (no ``//``, ``.`` or ``..`` segments, no trailing ``/``)."""
+    protocol, sep, rest = url.partition("://")
+    if not sep:
+        protocol, rest = "file", url
+    protocol = protocol.lower()
+    if protocol in ("file", "local"):
+        return "file://" + posixpath.normpath(os.path.abspath(rest))
+    parts: list[str] = []
+    for seg in rest.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == ".." and parts:
+            parts.pop()
+        elif seg != "..":
+            parts.append(seg)
+    return f"{protocol}://" + "/".join(parts)
+
+
+def version_of(info: Mapping[str, Any]) -> str | None:
+    """The change token of an fsspec ``info``/``ls(detail=True)`` entry: size and ETag (object stores) or
+    size and mtime (local and others); ``None`` when the listing gives neither."""
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"{size}:etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if mtime is not None:
+        return f"{size}:mtime:{mtime.isoformat() if hasattr(mtime, 'isoformat') else mtime}"
     return None
 
 
@@ -278,10 +327,10 @@ def list_members(
     fs, path = open_fs(url, storage_options)
     if kind == "file":
         try:
-            size = fs.size(path)
+            info = fs.info(path)
         except FileNotFoundError as e:
             raise InputError(f"input {url!r} does not exist") from e
-        return [ImageRef(source=url, member=None, kind="file", size=size, index=0)], []
+        return [ImageRef(url, None, "file", size=info.get("size"), version=version_of(info))], []
     if kind == "tar":
         return _list_tar(fs, path, url)
     if kind == "zip":
@@ -417,7 +466,15 @@ def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
             total = getattr(f, "size", None)
             try:
                 for index, info in enumerate(tf):
-                    ref = ImageRef(url, info.name, "tar", offset=info.offset_data, size=info.size, index=index)
+                    ref = ImageRef(
+                        url,
+                        info.name,
+                        "tar",
+                        offset=info.offset_data,
+                        size=info.size,
+                        index=index,
+                        version=_tar_version(info),
+                    )
                     keep, reason = _tar_reason(info)
                     if reason is None and isinstance(total, int) and info.offset_data + info.size > total:
                         reason = f"member data ({info.size} bytes) runs past the end of the archive (truncated)"
@@ -450,15 +507,31 @@ def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> t
     """Archive entries with their ``(keep, reason)`` verdict → (images, rejected); entries not kept are dropped."""
     images: list[ImageRef] = []
     rejected: list[Rejected] = []
+    seen: Counter[str] = Counter()
     for ref, (keep, reason) in entries:
         if not keep:
             continue
         reason = reason or _size_reason(ref.size)
+        ref = _counted(ref, seen)
         if reason is None:
             images.append(ref)
         else:
             rejected.append(Rejected(ref, reason))
     return images, rejected
+
+
+def _counted(ref: ImageRef, seen: Counter[str]) -> ImageRef:
+    """``ref`` with its occurrence: how many earlier kept entries had the same member name."""
+    n = seen[ref.member or ""]
+    seen[ref.member or ""] += 1
+    return dataclasses.replace(ref, occurrence=n) if n else ref
+
+
+def _tar_version(info: tarfile.TarInfo) -> str | None:
+    """A tar member's change token from its header alone: size and mtime (what ``tar`` and ``rsync`` compare).
+    ``None`` for mtime 0 (reproducible-build archives): size alone cannot tell an edit, so such a member of a
+    changed archive is read and hashed."""
+    return f"{info.size}:tar-mtime:{info.mtime}" if info.mtime else None
 
 
 def _scan_targz(
@@ -469,12 +542,15 @@ def _scan_targz(
     ``want``: ``None`` reads no data (listing), ``"images"`` reads every image, an int reads that entry and stops.
     """
     try:
+        seen: Counter[str] = Counter()
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|gz") as tf:
             for index, info in enumerate(tf):
                 keep, reason = _tar_reason(info)
                 if not keep:
                     continue
-                ref = ImageRef(url, info.name, "targz", size=info.size, index=index)
+                ref = _counted(
+                    ImageRef(url, info.name, "targz", size=info.size, index=index, version=_tar_version(info)), seen
+                )
                 reason = reason or _size_reason(info.size)
                 data = None
                 if reason is None and (want == "images" or want == index):
@@ -525,7 +601,17 @@ def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
         with fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f, _open_zip(f, url) as zf:
             _refuse_overlaps(zf, url)
             return _partition(
-                (ImageRef(url, info.filename, "zip", size=info.file_size, index=index), _zip_reason(info))
+                (
+                    ImageRef(
+                        url,
+                        info.filename,
+                        "zip",
+                        size=info.file_size,
+                        index=index,
+                        version=f"{info.file_size}:crc32:{info.CRC:08x}",
+                    ),
+                    _zip_reason(info),
+                )
                 for index, info in enumerate(zf.infolist())
             )
     except FileNotFoundError as e:

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import cubes, preview, qa, storage
 from pipeline.config import JobSpec
 from pipeline.errors import InputError
+from pipeline.incremental import expected_chunks
 from pipeline.provenance import host_info, now_utc, software_versions
 from pipeline.sources import ImageRef, read_member
 from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
@@ -401,8 +402,10 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "write_s": float(sum(r["write_s"] for r in results)),
             "qa_s": float(sum(r.get("qa_s", 0.0) for r in results)),
         },
+        # Checked by a rerun against one listing of the store (pipeline.incremental.ChunkCounts).
+        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options),
     }
     # Two inputs whose prepare tasks raced for one group: only the one the group records is marked complete.
     cubes.check_owner(cubes.read_status(store, meta.group), meta.group, meta.ref.key)
-    cubes.mark_complete(store, meta.group, extra)
+    cubes.mark_complete(store, meta.group, extra, run_id=ctx.run_id)
     return qa.manifest_columns(result.to_dict())

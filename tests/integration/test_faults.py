@@ -216,7 +216,9 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     spec = _spec(fault_bucket, "driver_kill")
     (tmp_path / "job.toml").write_text(spec.to_toml())
     cli = f"{fh.PYTHON} -m pipeline.cli run --spec {tmp_path / 'job.toml'} --num-cpus 2 --no-progress"
-    env = fh.ray_env(server.env())
+    # The killed driver leaves its lease (issue 12); it runs in another PID namespace, so the rerun cannot
+    # see that its process is gone, and waits (--wait) for the lease to expire, made short here.
+    env = fh.ray_env(server.env()) | {"DRCR_LEASE_TTL_S": "15"}
     cubes_dir = server.root / fault_bucket.name / "driver_kill" / "cubes.zarr"
 
     t0 = time.perf_counter()
@@ -243,7 +245,7 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     )
 
     t1 = time.perf_counter()
-    second = subprocess.run(fh.isolated(cli, net=False), env=env, capture_output=True, text=True, timeout=150)
+    second = subprocess.run(fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150)
     rerun = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr[-3000:]
     print(

@@ -63,3 +63,12 @@ def test_fingerprint_changes_with_output_affecting_fields_only() -> None:
     assert spec.with_overrides({"inputs": ["b"]}).fingerprint("w") == fp
     assert spec.with_overrides({"tiling.halo": 16}).fingerprint("w") != fp
     assert spec.fingerprint("other-weights") != fp
+
+
+def test_fingerprint_includes_the_package_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline
+
+    spec = JobSpec.from_dict({"inputs": ["a"], "output": "o"})
+    fp = spec.fingerprint("w")
+    monkeypatch.setattr(pipeline, "__version__", "99.0.0")
+    assert spec.fingerprint("w") != fp

@@ -106,19 +106,119 @@ def test_rayjob_fields() -> None:
     doc = _one(K8S / "rayjob.yaml", "RayJob")
     assert doc["apiVersion"] == "ray.io/v1"
     spec = doc["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode")
+    # Deletion rules may not be combined with the legacy shutdown fields (KubeRay validation).
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    rules = spec["deletionStrategy"]["deletionRules"]
+    by = {(r["policy"], r["condition"].get("jobStatus") or r["condition"].get("jobDeploymentStatus")): r for r in rules}
+    for status in ("SUCCEEDED", "FAILED"):
+        # GPU workers go the moment the job ends; the CPU head after, for logs.
+        assert by[("DeleteWorkers", status)]["condition"]["ttlSeconds"] == 0
+        assert by[("DeleteCluster", status)]["condition"]["ttlSeconds"] > 0
+    assert ("DeleteCluster", "Failed") in by  # a job that never ran is cleaned up too
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+
+
+def _entrypoint_args() -> list[str]:
+    entry = _one(K8S / "rayjob.yaml", "RayJob")["spec"]["entrypoint"]
+    run = [shlex.split(c) for c in entry.split("&&") if "drcr-pipeline" in c]
+    assert len(run) == 1, entry
+    return run[0]
 
 
 def test_entrypoint_runs_the_cli_on_the_spec() -> None:
     entry = _one(K8S / "rayjob.yaml", "RayJob")["spec"]["entrypoint"]
     commands = [shlex.split(c) for c in entry.split("&&")]
-    assert ["drcr-pipeline", "run", "--spec", SPEC] in commands, entry
+    args = _entrypoint_args()
+    assert args[:4] == ["drcr-pipeline", "run", "--spec", SPEC], entry
     for cmd in commands:
         if cmd[:1] == ["cd"]:
             # The spec path is relative to the image's WORKDIR.
             assert f"WORKDIR {cmd[1]}" in (INFRA / "Dockerfile").read_text()
+
+
+def test_the_actor_pool_matches_the_gpu_worker_group() -> None:
+    """ray.actors (ray.min_actors/max_actors once the pool is elastic) = the GPU group's bounds: one GPU
+    per actor, the group autoscaled from 0, so no worker is ever started that no actor can use."""
+    import os
+
+    from pipeline.cli import _build_parser, effective_spec
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        spec = effective_spec(_build_parser().parse_args(_entrypoint_args()[1:]))
+    finally:
+        os.chdir(cwd)
+    for where, job in _rayjob_specs().items():
+        cluster = job["rayClusterSpec"]
+        assert cluster["enableInTreeAutoscaling"] is True, where
+        [gpu] = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"]
+        assert gpu["minReplicas"] == gpu["replicas"] == 0, where
+        assert gpu["maxReplicas"] == spec.ray.actors, where
+        limits = _containers(gpu["template"])[0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == 1 and spec.ray.num_gpus_per_actor in (-1, 1)
+
+
+# Fields → the KubeRay release that introduced them (release notes / API reference of each release).
+KUBERAY_FIELD_VERSIONS = {
+    "backoffLimit": (1, 2, 0),
+    "submitterConfig": (1, 2, 0),
+    "deletionRules": (1, 5, 0),
+    "preRunningDeadlineSeconds": (1, 6, 0),
+    "RayCronJob": (1, 6, 0),
+    "timeZone": (1, 7, 0),
+}
+
+
+def _stated_minimum(path: Path) -> tuple[int, ...]:
+    m = re.search(r"Minimum KubeRay: (\d+)\.(\d+)\.(\d+)", path.read_text())
+    assert m, f"{path.name} must state its minimum KubeRay version"
+    return tuple(int(g) for g in m.groups())
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycronjob.yaml", "cronjob-rayjob.yaml"])
+def test_each_manifest_states_its_true_minimum_kuberay_version(name: str) -> None:
+    path = K8S / name
+    text = path.read_text()
+    if name == "cronjob-rayjob.yaml":  # KubeRay reads only the embedded RayJob (the CronJob is batch/v1)
+        text = _one(path, "ConfigMap")["data"]["rayjob.yaml"]
+    used = {f for f in KUBERAY_FIELD_VERSIONS if re.search(rf"\b{f}:", text)}
+    if name == "raycronjob.yaml":
+        used.add("RayCronJob")
+        assert _one(path, "RayCronJob")["spec"]["timeZone"]
+    assert {"backoffLimit", "submitterConfig", "deletionRules", "preRunningDeadlineSeconds"} <= used
+    assert _stated_minimum(path) == max(KUBERAY_FIELD_VERSIONS[f] for f in used)
+
+
+def test_the_cronjob_fallback_counts_only_truly_active_rayjobs(tmp_path: Path) -> None:
+    """Run the CronJob's script with bash, a stand-in kubectl answering with RayJob states."""
+    import os
+    import subprocess
+
+    script = _one(K8S / "cronjob-rayjob.yaml", "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"][0]
+    log = tmp_path / "calls"
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {log}\n'
+        'if [ "$1 $2" = "get rayjobs" ] && [[ "$*" == *jsonpath* ]]; then printf "%b" "$STATES"; fi\n'
+    )
+    kubectl.chmod(0o755)
+
+    def fire(states: list[str]) -> bool:
+        log.write_text("")
+        text = "".join(f"job-{i}={s}\n" for i, s in enumerate(states))
+        env = os.environ | {"PATH": f"{tmp_path}:{os.environ['PATH']}", "STATES": text}
+        subprocess.run(["bash", "-ceu", script], env=env, check=True, capture_output=True)
+        return "create -f /manifests/rayjob.yaml" in log.read_text()
+
+    assert fire([])
+    assert fire(["Complete", "Failed", "ValidationFailed", "Suspended"])  # none of these blocks a firing
+    for active in ("Running", "Initializing", "Waiting", "Retrying", ""):
+        assert not fire(["Complete", active]), active
 
 
 def test_job_spec_exists_and_parses() -> None:
@@ -138,7 +238,7 @@ def test_gpu_workers_request_gpus() -> None:
             assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}), f"{where}: GPU on the head"
         gpus = 0
         for group in cluster["workerGroupSpecs"]:
-            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], where
+            assert group.get("minReplicas", 0) <= group.get("replicas", 0) <= group["maxReplicas"], where
             for c in _containers(group["template"]):
                 limits = c["resources"]["limits"]
                 gpus += int(limits.get("nvidia.com/gpu", 0))

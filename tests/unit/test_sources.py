@@ -27,7 +27,9 @@ from pipeline.sources import (
     iter_targz,
     kind_of,
     list_members,
+    normalize_url,
     read_member,
+    version_of,
 )
 
 
@@ -186,12 +188,40 @@ def test_expand_rejects_a_bare_string(tmp_path: Path) -> None:
 
 def test_image_ref_is_small_picklable_and_keys_are_unique() -> None:
     a = ImageRef("s3://b/a.tar", "img.png", "tar", offset=512, size=10, index=0)
-    b = ImageRef("s3://b/a.tar", "img.png", "tar", offset=1536, size=10, index=2)
+    b = ImageRef("s3://b/a.tar", "img.png", "tar", offset=1536, size=10, index=2, occurrence=1)
     assert pickle.loads(pickle.dumps(a)) == a
     assert a.key != b.key
-    assert a.key == "s3://b/a.tar!img.png@0"
-    assert ImageRef("/x/y.png", None, "file").key == "/x/y.png"
+    assert a.key == "s3://b/a.tar!img.png" and b.key == "s3://b/a.tar!img.png#1"
+    assert ImageRef("/x/y.png", None, "file").key == "file:///x/y.png"
     assert len(pickle.dumps(a)) < 300
+
+
+def test_identity_is_the_normalised_url_and_member_never_the_position() -> None:
+    spellings = ["/x/a.png", "file:///x/a.png", "/x/../x/a.png", "/x/./a.png", "FILE:///x//a.png"]
+    assert {ImageRef(u, None, "file").key for u in spellings} == {"file:///x/a.png"}
+    assert normalize_url("s3://b//p/./q/../a.tar/") == "s3://b/p/a.tar"
+    # The same member at another position in a rebuilt archive keeps its key (and so its cube).
+    first = ImageRef("s3://b/a.tar", "img.png", "tar", index=0)
+    moved = ImageRef("s3://b/a.tar", "img.png", "tar", index=7)
+    assert first.key == moved.key
+
+
+def test_repeated_member_names_are_counted_and_listings_carry_versions(tmp_path: Path) -> None:
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tf:
+        for i, name in enumerate(["a.png", "b.png", "a.png"]):
+            info = tarfile.TarInfo(name)
+            data = bytes([i]) * (10 + i)
+            info.size, info.mtime = len(data), 1_000_000 + i
+            tf.addfile(info, io.BytesIO(data))
+    images, _ = list_members(str(path), "tar")
+    assert [(r.member, r.occurrence) for r in images] == [("a.png", 0), ("b.png", 0), ("a.png", 1)]
+    assert len({r.key for r in images}) == 3
+    assert images[2].version == "12:tar-mtime:1000002"
+    (tmp_path / "x.png").write_bytes(b"12345")
+    [ref], _ = list_members(str(tmp_path / "x.png"), "file")
+    assert ref.version is not None and ref.version.startswith("5:mtime:")
+    assert version_of({"size": 3, "ETag": '"abc"'}) == "3:etag:abc"
 
 
 # --- tar ------------------------------------------------------------------------------------------------------
@@ -351,5 +381,6 @@ def test_plain_file(memroot: str) -> None:
     url = f"memory://{memroot}/x y.PNG"
     (ref,), rejected = list_members(url, "file")
     assert rejected == []
-    assert ref == ImageRef(url, None, "file", size=5, index=0)
+    assert ref == ImageRef(url, None, "file", size=5, index=0, version=ref.version)
+    assert ref.version is not None and ref.version.startswith("5:")
     assert read_member(ref) == b"12345"
