@@ -169,7 +169,7 @@ def invalidate(output: str, groups: Iterable[str], storage_options: Mapping[str,
     store = cubes.open_cubes(output, storage_options)
     for group in groups:
         try:
-            zarr.open_group(store, path=group, mode="r+").attrs.update({"complete": False})
+            zarr.open_group(store, path=group, mode="r+").attrs.update({"complete": 0})
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
             continue  # gone entirely: the prepare step creates it
 
