@@ -227,7 +227,7 @@ class VipsRegions:
         if plan.tiled and encoded.remote is not None:
             url, offset, size = encoded.remote
             fs, path = open_fs(url, encoded.storage_options)
-            f = _Window(fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead"), offset or 0, size)
+            f = _Window(fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead"), offset or 0, size, owns=True)
             source = pyvips.SourceCustom()
             source.on_read(f.read)
             source.on_seek(f.seek)
@@ -349,6 +349,8 @@ def _plan(im: Any) -> _Plan | None:
         notes.insert(at, mode_notes[mode])
     bands, vips_format = layouts[mode]
     width, height = im.size
+    if fmt == "TIFF":  # Pillow reports a libtiff-decoded TIFF's size already oriented: take the stored size
+        width, height = int(im.tag_v2[256]), int(im.tag_v2[257])
     return _Plan(
         bands=bands,
         vips_format=vips_format,
@@ -363,10 +365,11 @@ def _plan(im: Any) -> _Plan | None:
 
 
 class _Window(io.RawIOBase):
-    """Bytes ``start .. start+size-1`` of a seekable file, as a file of its own (a ``.tar`` member in place)."""
+    """Bytes ``start .. start+size-1`` of a seekable file, as a file of its own (a ``.tar`` member in place);
+    closing it closes ``f`` only if ``owns``."""
 
-    def __init__(self, f: IO[bytes], start: int, size: int) -> None:
-        self._f, self._start, self._size, self._pos = f, start, size, 0
+    def __init__(self, f: IO[bytes], start: int, size: int, *, owns: bool = False) -> None:
+        self._f, self._start, self._size, self._pos, self._owns = f, start, size, 0, owns
 
     def readable(self) -> bool:
         return True
@@ -398,7 +401,8 @@ class _Window(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        self._f.close()
+        if self._owns:
+            self._f.close()
         super().close()
 
 
