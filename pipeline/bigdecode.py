@@ -64,8 +64,10 @@ READ_BLOCK = 8 * 1024 * 1024
 RANGE_BLOCK = 256 * 1024
 """Read-ahead of ranged reads of a tiled TIFF: about one or two compressed tiles per request."""
 _LOSSLESS_TIFF = frozenset({1, 5, 8, 32773, 32946})  # none, LZW, deflate, PackBits, old deflate
-SPILL_TILE = 256
-"""Tile side of the local decoded copy (a 576² window touches 9–16 of its tiles)."""
+SPILL_TILE = 64
+"""Tile side of the local decoded copy. libvips keeps about two rows of tiles per open image, so its memory
+grows with tile side × image width: 64 kept a 1 GP prepare task's growth over its windows to ~7 MB, 256 to
+~190 MB (benchmarks/bench_bigimage.py)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +229,24 @@ class VipsRegions:
         if plan.tiled and encoded.remote is not None:
             url, offset, size = encoded.remote
             fs, path = open_fs(url, encoded.storage_options)
-            f = _Window(fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead"), offset or 0, size, owns=True)
+            f = _Window(
+                fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead"), offset or 0, size, owns=True
+            )
             source = pyvips.SourceCustom()
             source.on_read(f.read)
             source.on_seek(f.seek)
             image = pyvips.Image.new_from_source(source, "", access="random", fail_on="error")
             return cls(_checked(image, plan, encoded.name), name=encoded.name, keep=(f, source))
         if encoded.local_path is not None:
-            image = pyvips.Image.new_from_file(encoded.local_path, access="sequential", fail_on="error")
+            # Through Python reads, not from the file name: libvips would map the whole encoded file into
+            # memory (a 1 GP JPEG: +240 MB of resident pages).
+            f = open(encoded.local_path, "rb")  # noqa: SIM115 - closed below, after the one pass
+            source = pyvips.SourceCustom()
+            source.on_read(f.read)
+            source.on_seek(f.seek)
+            image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="error")
         else:
+            f = None
             assert encoded.data is not None
             image = pyvips.Image.new_from_buffer(encoded.data, "", access="sequential", fail_on="error")
         spill = tempfile.TemporaryDirectory(prefix="drcr-decoded-")
@@ -247,6 +258,9 @@ class VipsRegions:
         except BaseException:
             spill.cleanup()
             raise
+        finally:
+            if f is not None:
+                f.close()
         encoded.close()  # the compressed copy is no longer needed
         return cls(pyvips.Image.new_from_file(target, access="random"), name=encoded.name, cleanup=(spill,))
 
@@ -295,7 +309,7 @@ def _checked(image: Any, plan: _Plan, name: str) -> Any:
     return image.extract_band(0, n=plan.bands) if image.bands != plan.bands else image
 
 
-def _plan_from(f: IO[bytes], name: str, spec: DecodeSpec) -> _Plan | None:
+def _plan_from(f: IO[bytes] | io.RawIOBase, name: str, spec: DecodeSpec) -> _Plan | None:
     """Read the header (Pillow, lazily: a few KB); the streaming plan for a big image, else ``None``.
 
     Raises:

@@ -10,7 +10,6 @@ import zarr
 
 from drcr_model.weights import untrained_demo_weights
 from pipeline import cubes
-from pipeline.bigdecode import VipsRegions
 from pipeline.config import JobSpec
 from pipeline.sources import ImageRef
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, prepare_image
