@@ -237,3 +237,31 @@ def test_fetch_reads_big_local_files_in_place(tmp_path: Path, monkeypatch: pytes
     assert (encoded.sha256, encoded.nbytes) == (hashlib.sha256(data).hexdigest(), len(data))
     _assert_same(decode_encoded(encoded, STREAM_ALL), decode_image(data, name="a"))
     assert path.exists()  # a local input is never deleted
+
+
+def test_tar_members_stream_in_place_or_from_a_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tarfile
+
+    from pipeline.sources import list_members
+
+    members = {"a/scan.tif": _source("RGB tiled tiff", 70, 90, 6), "a/photo.jpg": _source("RGB jpeg", 64, 80, 8)}
+    archive = tmp_path / "batch.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr("pipeline.bigdecode.WHOLE_READ_BYTES", 100)
+    refs, _ = list_members(str(archive), "tar")
+    assert sorted(r.member for r in refs) == sorted(members)
+    for ref in refs:
+        data = members[ref.member or ""]
+        encoded = fetch_encoded(ref, None, None, STREAM_ALL)
+        assert encoded.data is None and encoded.nbytes == len(data)
+        if ref.member == "a/scan.tif":
+            assert encoded.remote == (str(archive), ref.offset, len(data))  # ranged reads in the archive
+        else:
+            assert encoded.local_path is not None and Path(encoded.local_path).read_bytes() == data  # a copy
+        pillow = decode_image(data, name="x")
+        notes = ("EXIF orientation 6 applied", *pillow.notes) if pillow.orientation == 1 else None
+        _assert_same(decode_encoded(encoded, STREAM_ALL), pillow, notes=notes)
