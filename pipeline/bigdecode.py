@@ -240,13 +240,14 @@ class VipsRegions:
         if encoded.local_path is not None:
             # Through Python reads, not from the file name: libvips would map the whole encoded file into
             # memory (a 1 GP JPEG: +240 MB of resident pages).
-            f = open(encoded.local_path, "rb")  # noqa: SIM115 - closed below, after the one pass
+            local: IO[bytes] | None = open(encoded.local_path, "rb")  # noqa: SIM115 - closed after the pass
+            assert local is not None
             source = pyvips.SourceCustom()
-            source.on_read(f.read)
-            source.on_seek(f.seek)
+            source.on_read(local.read)
+            source.on_seek(local.seek)
             image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="error")
         else:
-            f = None
+            local = None
             assert encoded.data is not None
             image = pyvips.Image.new_from_buffer(encoded.data, "", access="sequential", fail_on="error")
         spill = tempfile.TemporaryDirectory(prefix="drcr-decoded-")
@@ -259,8 +260,8 @@ class VipsRegions:
             spill.cleanup()
             raise
         finally:
-            if f is not None:
-                f.close()
+            if local is not None:
+                local.close()
         encoded.close()  # the compressed copy is no longer needed
         return cls(pyvips.Image.new_from_file(target, access="random"), name=encoded.name, cleanup=(spill,))
 
@@ -316,7 +317,7 @@ def _plan_from(f: IO[bytes] | io.RawIOBase, name: str, spec: DecodeSpec) -> _Pla
         DecodeError: the header declares more than ``spec.max_pixels`` pixels.
     """
     try:
-        with pillow_limit(None), Image.open(f) as im:
+        with pillow_limit(None), Image.open(f) as im:  # type: ignore[arg-type]  # a RawIOBase reads fine
             width, height = im.size
             if width * height > spec.max_pixels:
                 decode._check_bomb(im, [], name, spec.max_pixels, spec.max_pixels)
