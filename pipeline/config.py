@@ -9,6 +9,7 @@ A spec file has one table per section::
     [inference]    # mode, precision, channels_last, device
     [tiling]       # max_tile_pixels, tile_core, halo
     [output_options]  # max_error, dtype, chunk, compressor, level
+    [decode]       # max_pixels, stream_pixels
     [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
     [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
     [qa]           # optional QA thresholds (README "Outputs: QA, previews, report, exports")
@@ -39,6 +40,7 @@ __all__ = [
     "OutputSpec",
     "RaySpec",
     "QASpec",
+    "DecodeSpec",
     "JobSpec",
     "load_spec",
     "parse_overrides",
@@ -267,6 +269,25 @@ class QASpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeSpec:
+    """How images are decoded (README "Decoding policy": what each size costs).
+
+    max_pixels: decompression-bomb guard, W·H; larger images fail from their header. The default is Pillow's
+      own guard (~89.5 MP); raise it for genuine large photos and scans.
+    stream_pixels: images with more pixels than this take the streaming path (:mod:`pipeline.bigdecode`:
+      libvips, pixels read by region, memory independent of the image size); smaller ones are decoded whole
+      by Pillow, which is faster for them. The default is the measured crossover (README).
+    """
+
+    max_pixels: int = 89_478_485
+    stream_pixels: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check(self.max_pixels >= 1, "decode", "max_pixels", self.max_pixels, "must be >= 1")
+        _check(self.stream_pixels >= 0, "decode", "stream_pixels", self.stream_pixels, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A whole job. ``inputs`` are fsspec URLs or globs (files, prefixes, archives); ``output`` a prefix."""
 
@@ -279,6 +300,7 @@ class JobSpec:
     output_options: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     ray: RaySpec = dataclasses.field(default_factory=RaySpec)
     qa: QASpec = dataclasses.field(default_factory=QASpec)
+    decode: DecodeSpec = dataclasses.field(default_factory=DecodeSpec)
     storage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -317,6 +339,7 @@ class JobSpec:
             "output_options": OutputSpec,
             "ray": RaySpec,
             "qa": QASpec,
+            "decode": DecodeSpec,
         }
         top = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - top

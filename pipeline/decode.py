@@ -53,13 +53,14 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.errors import DecodeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "DecodedImage", "decode_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "DecodedImage", "StoredRegions", "decode_image"]
 
 # Pillow's own default (Image.MAX_IMAGE_PIXELS, ~ 1024 * 1024 * 1024 // 4 // 3); used if someone set it to None.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -87,6 +88,24 @@ _DECODE_ERRORS = (
 )
 
 
+class StoredRegions(Protocol):
+    """Stored pixels (before orientation) read a region at a time, the policy's conversion already applied
+    (:class:`pipeline.bigdecode.VipsRegions`: images too big to hold decoded)."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the stored pixels."""
+        ...
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Stored rows ``y0 .. y1-1`` × columns ``x0 .. x1-1`` as h×w×3 ``np.uint8`` / ``np.uint16``."""
+        ...
+
+    def max(self) -> int:
+        """The largest sample over all pixels and the three channels (one streaming pass)."""
+        ...
+
+
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
     """A decoded image, held compactly; RGB pixels come out a crop at a time.
@@ -98,7 +117,8 @@ class DecodedImage:
     whole-image array (:attr:`array`, 3 bytes/pixel more) is made only when asked for.
 
     Args:
-        pixels: the stored pixels (before orientation): a loaded Pillow image, or an H×W×3 ``np.uint16`` array.
+        pixels: the stored pixels (before orientation): a loaded Pillow image, an H×W×3 ``np.uint16`` array, or
+            :class:`StoredRegions` read on demand (the streaming path).
         mode: Pillow's mode of the source image before any conversion (e.g. ``"P"``, ``"I;16"``, ``"CMYK"``).
         bit_depth: 8 or 16: crops are ``np.uint8`` (0..255) or ``np.uint16`` (0..65535).
         width: W in pixels, after orientation.
@@ -107,7 +127,7 @@ class DecodedImage:
         orientation: the EXIF orientation (1..8) applied to every crop.
     """
 
-    pixels: Image.Image | np.ndarray = field(repr=False)
+    pixels: Image.Image | np.ndarray | StoredRegions = field(repr=False)
     mode: str
     bit_depth: int
     width: int
@@ -130,8 +150,10 @@ class DecodedImage:
         sy0, sy1, sx0, sx1 = _stored_box(self.orientation, self.pixels_size, y0, y1, x0, x1)
         if isinstance(self.pixels, np.ndarray):
             rgb = self.pixels[sy0:sy1, sx0:sx1]
-        else:
+        elif isinstance(self.pixels, Image.Image):
             rgb = _rgb(self.pixels.crop((sx0, sy0, sx1, sy1)))
+        else:
+            rgb = self.pixels.read(sy0, sy1, sx0, sx1)
         return np.ascontiguousarray(_orient(rgb, self.orientation))
 
     @property
@@ -139,16 +161,21 @@ class DecodedImage:
         """``(height, width)`` of the stored pixels (before orientation)."""
         if isinstance(self.pixels, np.ndarray):
             return int(self.pixels.shape[0]), int(self.pixels.shape[1])
-        return self.pixels.height, self.pixels.width
+        if isinstance(self.pixels, Image.Image):
+            return self.pixels.height, self.pixels.width
+        return self.pixels.size
 
     def max(self) -> int:
         """The largest sample over all pixels and channels, converted in strips of ``STRIP_PIXELS`` (never
         the whole image at once)."""
         if isinstance(self.pixels, np.ndarray):
             return int(self.pixels.max())
+        if not isinstance(self.pixels, Image.Image):
+            return self.pixels.max()
+        pixels = self.pixels
         h, w = self.pixels_size
         rows = max(1, STRIP_PIXELS // w)
-        return max(int(_rgb(self.pixels.crop((0, y, w, min(h, y + rows)))).max()) for y in range(0, h, rows))
+        return max(int(_rgb(pixels.crop((0, y, w, min(h, y + rows)))).max()) for y in range(0, h, rows))
 
     @functools.cached_property
     def array(self) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import resource
@@ -26,7 +25,7 @@ from pipeline.config import JobSpec
 from pipeline.errors import InputError
 from pipeline.incremental import expected_chunks
 from pipeline.provenance import host_info, now_utc, software_versions
-from pipeline.sources import ImageRef, read_member
+from pipeline.sources import ImageRef
 from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
 
 __all__ = [
@@ -142,17 +141,17 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
     the raw decoded pixels; the predictor divides them by ``meta.scale`` (the whole image's maximum), so
     tiles see exactly the whole image's preprocessing.
     """
-    from pipeline.decode import decode_image
+    from pipeline.bigdecode import decode_encoded, fetch_encoded
 
     t0 = time.perf_counter()
     group = cubes.group_path(ref.source, ref.member, ref.key)
     meta = ImageMeta(ref=ref, group=group, started=now_utc())
     opts = storage_options(ctx)
     try:
-        if data is None:
-            data = read_member(ref, opts)
-        meta.sha256 = hashlib.sha256(data).hexdigest()
-        meta.nbytes = len(data)
+        # Small images come back as bytes in memory; big ones hashed on the way to where they stream from.
+        encoded = fetch_encoded(ref, opts, data, ctx.spec.decode)
+        del data
+        meta.sha256, meta.nbytes = encoded.sha256, encoded.nbytes
         store = cubes.open_cubes(ctx.spec.output, opts)
         attrs = cubes.read_status(store, group)
         cubes.check_owner(attrs, group, ref.key)
@@ -167,8 +166,8 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
                 yield meta
                 return
-        decoded = decode_image(data, name=ref.name)
-        del data
+        decoded = decode_encoded(encoded, ctx.spec.decode)
+        del encoded
         meta.height, meta.width = decoded.height, decoded.width
         meta.mode = decoded.mode
         peak = float(decoded.max())
