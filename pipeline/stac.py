@@ -34,8 +34,10 @@ ZARR_MEDIA_TYPE = "application/vnd.zarr; version=3"
 
 
 def item_id(group: str) -> str:
-    """A file-name-safe Item id from a group path (``/`` → ``__``; groups are already ``[A-Za-z0-9._-]``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", group.replace("/", "__"))
+    """A file-name-safe Item id from a group path (``/`` → ``__``; groups are already ``[A-Za-z0-9._-]``),
+    cut like a group component (:func:`pipeline.cubes.sanitize_component`: at most ``MAX_COMPONENT`` bytes,
+    ended with a digest of the whole path) so the Item's file name fits every file system."""
+    return cubes.sanitize_component(re.sub(r"[^A-Za-z0-9._-]", "_", group.replace("/", "__")))
 
 
 def _when(record: Mapping[str, Any]) -> _dt.datetime:

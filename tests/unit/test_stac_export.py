@@ -108,3 +108,12 @@ def test_where_selects_and_bad_where_is_a_config_error(output: str, tmp_path: Pa
         export.select_rows(output, "no_such_column > 1")
     with pytest.raises(ConfigError, match="format 'jpeg'"):
         export.export_cubes(output, "jpeg")
+
+
+def test_item_id_of_a_deep_long_group_fits_a_file_name() -> None:
+    from pipeline import cubes, stac
+
+    group = "/".join(["d" * 120, "n" * 120, "m" * 110 + "-0123456789abcdef"])
+    ids = {stac.item_id(group), stac.item_id(group.replace("m", "k"))}
+    assert len(ids) == 2 and all(len(i) <= cubes.MAX_COMPONENT for i in ids)
+    assert stac.item_id("a.tar/img.png-0123") == "a.tar__img.png-0123"
