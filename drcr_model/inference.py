@@ -65,10 +65,13 @@ def forward(
     *,
     precision: str = "fp32",
     channels_last: bool = False,
+    means: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run the model on a preprocessed batch B×3×h×w float32 (h, w multiples of 4) → B×31×h×w float32 numpy.
 
-    Runs on the model's device under ``torch.inference_mode``; autocast for bf16/fp16 on CUDA.
+    Runs on the model's device under ``torch.inference_mode``; autocast for bf16/fp16 on CUDA. ``means``
+    [n_blocks, C]: re-calibration statistics to use instead of each sample's own
+    (:mod:`drcr_model.recalibration`).
     """
     device = next(model.parameters()).device
     _check_precision(precision, device)
@@ -76,8 +79,9 @@ def forward(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    m = None if means is None else torch.as_tensor(means, dtype=torch.float32, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        y = model(x)
+        y = model(x) if m is None else model(x, m)
     return y.float().cpu().numpy()
 
 

@@ -110,12 +110,17 @@ class TilingSpec:
 
     max_tile_pixels: images with H·W up to this run whole, as one tile.
     tile_core: side of each tile's core, the region it writes (multiple of 4 and of the output chunk).
-    halo: context added on each side of the core (even), reflect-padded at image borders.
+    halo: context added on each side of the core (even); windows are shifted inwards at image borders.
+    statistics: the channel re-calibration statistics tiles run with — ``"global"`` (the whole image's,
+      gathered from the tiles first: the cube equals the whole-image run's, given a halo at least the
+      model's receptive radius) or ``"tile"`` (each tile's own: one pass, close but not equal);
+      README "Exact tiling" measures both.
     """
 
     max_tile_pixels: int = 2048 * 2048
     tile_core: int = 512
     halo: int = 32
+    statistics: str = "global"
 
     def __post_init__(self) -> None:
         _check(self.max_tile_pixels >= 16, "tiling", "max_tile_pixels", self.max_tile_pixels, "must be >= 16")
@@ -132,6 +137,13 @@ class TilingSpec:
             "halo",
             self.halo,
             "must be an even number >= 0 (tile = core + 2·halo, a multiple of 4)",
+        )
+        _check(
+            self.statistics in ("tile", "global"),
+            "tiling",
+            "statistics",
+            self.statistics,
+            "must be 'tile' (each tile's own) or 'global' (the whole image's)",
         )
 
 
