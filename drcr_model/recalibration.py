@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from drcr_model.inference import transform, untransform
 from drcr_model.net import DRCRNet
 
 __all__ = ["block_input_sums", "GatherState", "DEFAULT_TOL"]
@@ -33,7 +34,11 @@ Region = tuple[slice, slice]
 
 
 def block_input_sums(
-    model: DRCRNet, x: torch.Tensor, regions: Sequence[Region], means: torch.Tensor | None = None
+    model: DRCRNet,
+    x: torch.Tensor,
+    regions: Sequence[Region],
+    means: torch.Tensor | None = None,
+    member: int = 0,
 ) -> np.ndarray:
     """Sums of each block's input over a region of each sample, added over the batch.
 
@@ -42,6 +47,8 @@ def block_input_sums(
         x: preprocessed tiles [B, 3, h, w] float32 on the model's device (h, w multiples of 4).
         regions: per sample, the (rows, columns) slices of the tile whose pixels count.
         means: [n_blocks, C] means to run the blocks with; ``None``: each tile's own.
+        member: test-time ensemble member (:func:`drcr_model.inference.transform`): the network runs on
+            that view of the tiles; the regions stay in the tiles' own coordinates.
 
     Returns:
         [n_blocks, C] float64 sums (block ``i``'s input, before block ``i`` runs). The last block's
@@ -52,10 +59,11 @@ def block_input_sums(
     n = len(model.backbone)
     sums = torch.zeros(n, model.config["channels"], dtype=torch.float64, device=x.device)
     with torch.inference_mode():
-        f = model.trunk(x)
+        f = model.trunk(transform(x, member))
         for i, block in enumerate(model.backbone):
+            g = untransform(f, member)
             for b, (ys, xs) in enumerate(regions):
-                sums[i] += f[b, :, ys, xs].sum(dim=(1, 2), dtype=torch.float64)
+                sums[i] += g[b, :, ys, xs].sum(dim=(1, 2), dtype=torch.float64)
             if i + 1 < n:
                 f = block(f, None if means is None else means[i])
     return sums.cpu().numpy()
@@ -65,7 +73,8 @@ def block_input_sums(
 class GatherState:
     """Where the passes stand: the current means, how many passes fed them, whether to stop.
 
-    ``means`` [n_blocks, C] float32 (``None`` before the first pass: tiles use their own statistics).
+    ``means`` [n_blocks, C] float32, or [ensemble, n_blocks, C] (one set per test-time ensemble member);
+    ``None`` before the first pass: tiles use their own statistics.
     Pure data, picklable: a distributed driver can hand it from pass to pass (README "Exact tiling").
     """
 

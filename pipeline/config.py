@@ -74,6 +74,8 @@ class InferenceSpec:
       one pass) or ``"authors"`` (the authors' overlapping passes).
     precision: ``fp32`` (default, reference), ``bf16``/``fp16`` (GPU only).
     device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
+    ensemble: test-time ensemble, 1 (off), 2, 4 or 8 flips/transposes averaged (that many times the
+      compute; README "Test-time ensemble").
     stand_in_latency_s: benchmarks only (``benchmarks/bench_pipeline.py``): > 0 replaces the model by a
       stand-in that sleeps this long per batch and outputs zeros, to measure scheduling overhead without
       compute. Never set it for real work: the cubes are zeros (provenance records the value).
@@ -83,6 +85,7 @@ class InferenceSpec:
     precision: str = "fp32"
     channels_last: bool = False
     device: str = "auto"
+    ensemble: int = 1
     stand_in_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -95,6 +98,7 @@ class InferenceSpec:
             "must be fp32, bf16 or fp16",
         )
         _check(self.device in ("auto", "cpu", "cuda"), "inference", "device", self.device, "must be auto, cpu or cuda")
+        _check(self.ensemble in (1, 2, 4, 8), "inference", "ensemble", self.ensemble, "must be 1, 2, 4 or 8")
         _check(
             self.stand_in_latency_s >= 0,
             "inference",

@@ -44,11 +44,13 @@ def tile_sums(
     means: np.ndarray | None,
     *,
     channels_last: bool = False,
+    ensemble: int = 1,
 ) -> tuple[np.ndarray, int]:
-    """One batch's share of a pass: ([n_blocks, C] float64 sums, pixels counted).
+    """One batch's share of a pass: ([n_blocks, C] float64 sums, or [ensemble, n_blocks, C], pixels counted).
 
     ``batch`` is :func:`windows_to_batch` of the tiles' windows of an H×W image; each tile counts its
-    :func:`pipeline.tiling.statistics_region`.
+    :func:`pipeline.tiling.statistics_region`. With a test-time ensemble each member (a flipped view of
+    the image) has its own statistics.
     """
     device = next(model.parameters()).device
     x = torch.as_tensor(batch, dtype=torch.float32).to(device)
@@ -59,7 +61,10 @@ def tile_sums(
     regions = [statistics_region(t, height, width) for t in tiles]
     m = None if means is None else torch.as_tensor(means, dtype=torch.float32, device=device)
     count = sum((ys.stop - ys.start) * (xs.stop - xs.start) for ys, xs in regions)
-    return block_input_sums(model, x, regions, m), int(count)
+    if ensemble == 1:
+        return block_input_sums(model, x, regions, m), int(count)
+    sums = [block_input_sums(model, x, regions, None if m is None else m[k], k) for k in range(ensemble)]
+    return np.stack(sums), int(count)
 
 
 def add_sums(state: GatherState, parts: Sequence[tuple[np.ndarray, int] | None]) -> GatherState:
@@ -87,6 +92,7 @@ def gather_statistics(
     batch_size: int = 4,
     tol: float = DEFAULT_TOL,
     channels_last: bool = False,
+    ensemble: int = 1,
 ) -> GatherState:
     """Run the passes over an H×W×3 image's tiles here; the final state's ``means`` [n_blocks, C] float32.
 
@@ -100,6 +106,8 @@ def gather_statistics(
         for i in range(0, len(tiles), batch_size):
             group = tiles[i : i + batch_size]
             batch = windows_to_batch([extract_window(image, t) for t in group], scale)
-            parts.append(tile_sums(model, batch, group, h, w, state.means, channels_last=channels_last))
+            parts.append(
+                tile_sums(model, batch, group, h, w, state.means, channels_last=channels_last, ensemble=ensemble)
+            )
         state = add_sums(state, parts)
     return state

@@ -372,11 +372,19 @@ class Predictor:
                 precision=inf.precision,
                 channels_last=inf.channels_last,
                 preprocessed=True,
+                ensemble=inf.ensemble,
             )
             outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
         else:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
-            y = forward(self.model, batch, precision=inf.precision, channels_last=inf.channels_last, means=means)
+            y = forward(
+                self.model,
+                batch,
+                precision=inf.precision,
+                channels_last=inf.channels_last,
+                means=means,
+                ensemble=inf.ensemble,
+            )
             outputs = [crop_core(y[i], tile) for i, tile in enumerate(tiles)]
         return outputs
 
