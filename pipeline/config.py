@@ -83,7 +83,9 @@ class InferenceSpec:
 
     mode: str = "pad"
     precision: str = "fp32"
-    channels_last: bool = False
+    # NHWC convolutions: 0.85× the time of NCHW on this CPU at 1e-6 relative difference (README
+    # "Fast defaults"); cuDNN prefers NHWC too.
+    channels_last: bool = True
     device: str = "auto"
     ensemble: int = 1
     stand_in_latency_s: float = 0.0
