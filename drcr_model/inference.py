@@ -9,6 +9,10 @@ Two modes (DRCR needs H and W to be multiples of 4, spec §3.6):
   authors' two 480-row passes. Reproduces published numbers.
 * ``"pad"`` — reflect-pad bottom/right to a multiple of 4 (at least 4), one pass, crop back.
 
+A test-time ensemble (``ensemble`` = 1, 2, 4 or 8, as MST++ ships) averages the model's outputs over the
+first members of the dihedral group of the image plane (:data:`ENSEMBLE_TRANSFORMS`), each undone on its
+output: 2 = identity + horizontal flip, 4 = + vertical flip + both, 8 = + the four transposed versions.
+
 fp32 is the default and the reference. bf16/fp16 autocast and channels_last are GPU options; half
 precision on this project's CPUs runs ~400× slower than fp32, so it is refused on CPU.
 """
@@ -20,10 +24,54 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["select_device", "preprocess", "forward", "reconstruct", "PRECISIONS", "MODES"]
+__all__ = [
+    "select_device",
+    "preprocess",
+    "forward",
+    "reconstruct",
+    "transform",
+    "untransform",
+    "PRECISIONS",
+    "MODES",
+    "ENSEMBLES",
+    "ENSEMBLE_TRANSFORMS",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("authors", "pad")
+ENSEMBLES = (1, 2, 4, 8)
+ENSEMBLE_TRANSFORMS = (
+    (False, False, False),
+    (False, True, False),
+    (True, False, False),
+    (True, True, False),
+    (False, False, True),
+    (False, True, True),
+    (True, False, True),
+    (True, True, True),
+)
+"""(flip rows, flip columns, transpose) of each ensemble member, applied in that order."""
+
+
+def transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ensemble member ``k``'s view of ``x`` [..., H, W] (flips, then transpose of the last two axes)."""
+    flip_rows, flip_cols, transpose = ENSEMBLE_TRANSFORMS[k]
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    y = torch.flip(x, dims) if dims else x
+    return y.transpose(-2, -1) if transpose else y
+
+
+def untransform(y: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`transform` (transpose first, then the same flips)."""
+    flip_rows, flip_cols, transpose = ENSEMBLE_TRANSFORMS[k]
+    y = y.transpose(-2, -1) if transpose else y
+    dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+    return torch.flip(y, dims) if dims else y
+
+
+def _check_ensemble(ensemble: int) -> None:
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
@@ -65,25 +113,39 @@ def forward(
     *,
     precision: str = "fp32",
     channels_last: bool = False,
+    means: np.ndarray | None = None,
+    ensemble: int = 1,
 ) -> np.ndarray:
     """Run the model on a preprocessed batch B×3×h×w float32 (h, w multiples of 4) → B×31×h×w float32 numpy.
 
-    Runs on the model's device under ``torch.inference_mode``; autocast for bf16/fp16 on CUDA.
+    Runs on the model's device under ``torch.inference_mode``; autocast for bf16/fp16 on CUDA. ``means``:
+    re-calibration statistics to use instead of each sample's own (:mod:`drcr_model.recalibration`),
+    [n_blocks, C], or [ensemble, n_blocks, C] with one set per ensemble member (each member sees a flipped
+    image, whose block inputs differ). ``ensemble``: average over that many flips/transposes.
     """
     device = next(model.parameters()).device
     _check_precision(precision, device)
+    _check_ensemble(ensemble)
     x = torch.as_tensor(batch, dtype=torch.float32).to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    m = None if means is None else torch.as_tensor(means, dtype=torch.float32, device=device)
+    if m is not None and m.dim() == 2:
+        m = m.expand(ensemble, *m.shape)
+    total: torch.Tensor | None = None
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        y = model(x)
-    return y.float().cpu().numpy()
+        for k in range(ensemble):
+            xk = transform(x, k)
+            yk = untransform((model(xk) if m is None else model(xk, m[k])).float(), k)
+            total = yk if total is None else total + yk
+    assert total is not None
+    return (total / ensemble if ensemble > 1 else total).cpu().numpy()
 
 
-def _run_chw(model: torch.nn.Module, x: np.ndarray, precision: str, channels_last: bool) -> np.ndarray:
+def _run_chw(model: torch.nn.Module, x: np.ndarray, precision: str, channels_last: bool, ensemble: int) -> np.ndarray:
     """3×h×w float32 → bands×h×w float32 (one pass)."""
-    return forward(model, x[None], precision=precision, channels_last=channels_last)[0]
+    return forward(model, x[None], precision=precision, channels_last=channels_last, ensemble=ensemble)[0]
 
 
 def reconstruct(
@@ -94,6 +156,7 @@ def reconstruct(
     precision: str = "fp32",
     channels_last: bool = False,
     preprocessed: bool = False,
+    ensemble: int = 1,
 ) -> np.ndarray:
     """H×W×3 uint8/uint16 RGB → H×W×bands float32 cube (unclipped, as the authors save it).
 
@@ -104,7 +167,9 @@ def reconstruct(
         precision: ``"fp32"`` (default, reference), ``"bf16"`` or ``"fp16"`` (CUDA only).
         channels_last: run convolutions in NHWC memory format.
         preprocessed: ``rgb`` is already float32 divided by its max.
+        ensemble: test-time ensemble size (1, 2, 4 or 8 flips/transposes, averaged).
     """
+    _check_ensemble(ensemble)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     x = (rgb.astype(np.float32) if preprocessed else preprocess(rgb)).transpose(2, 0, 1)
@@ -114,7 +179,9 @@ def reconstruct(
         if ph or pw:
             # numpy's reflect repeats the reflection for pads larger than the image (tiny inputs).
             x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
-        return np.ascontiguousarray(_run_chw(model, x, precision, channels_last)[:, :h, :w].transpose(1, 2, 0))
+        return np.ascontiguousarray(
+            _run_chw(model, x, precision, channels_last, ensemble)[:, :h, :w].transpose(1, 2, 0)
+        )
     if h < 4 or w < 4:
         raise ValueError(f"mode='authors' needs an image of at least 4x4, got {h}x{w}; use mode='pad'")
     h4, w4 = h - h % 4, w - w % 4
@@ -123,7 +190,9 @@ def reconstruct(
     out: np.ndarray | None = None
     for r0 in row_passes:
         for c0 in col_passes:
-            y = _run_chw(model, np.ascontiguousarray(x[:, r0 : r0 + h4, c0 : c0 + w4]), precision, channels_last)
+            y = _run_chw(
+                model, np.ascontiguousarray(x[:, r0 : r0 + h4, c0 : c0 + w4]), precision, channels_last, ensemble
+            )
             if out is None:
                 out = np.empty((y.shape[0], h, w), dtype=np.float32)
             # First pass fills rows/cols [0, H4); the shifted pass supplies only the last H % 4 rows/cols.

@@ -68,8 +68,8 @@ class CRM(nn.Module):
     """Channel re-calibration module: global average pool → 3 bias-free linears → sigmoid gate.
 
     Keys: ``fc.0.weight`` [r, C], ``fc.2.weight`` [r, r], ``fc.4.weight`` [C, r] with r = C // 8.
-    The pooling is over the whole spatial extent of the input, which is why tiled inference is not
-    exactly whole-image inference (see README, "Tiling").
+    The pooling is over the whole spatial extent of the input, which is why a tile needs the whole
+    image's mean supplied (``mean``) to equal whole-image inference (:mod:`drcr_model.recalibration`).
 
     Args:
         channels: feature channels C.
@@ -88,10 +88,15 @@ class CRM(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, mean: torch.Tensor) -> torch.Tensor:
+        """Per-channel gate [B, C] in (0, 1) from the input's spatial mean [B, C] (or [C], broadcast)."""
+        return self.fc(mean)
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, C, H, W] times its gate; ``mean`` replaces the pooled mean of ``x`` when given."""
         b, c = x.shape[:2]
-        gate = self.fc(self.avg_pool(x).view(b, c)).view(b, c, 1, 1)
-        return x * gate
+        m = self.avg_pool(x).view(b, c) if mean is None else mean
+        return x * self.gate(m).view(-1, c, 1, 1)
 
 
 class DRCRBlock(nn.Module):
@@ -115,14 +120,22 @@ class DRCRBlock(nn.Module):
         self.se1 = CRM(channels)
         self.se2 = CRM(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``mean`` [B, C] or [C]: the spatial mean of ``x`` to use instead of pooling ``x`` (tiles).
+
+        Both CRMs then follow from it: ``se2`` pools ``se1(x) = x · g1``, whose mean is ``g1 · mean``.
+        """
         x1 = self.conv1(x)
         x2 = self.conv2(x1)
         x3 = self.conv3(x2)
-        r = self.se1(x)
+        if mean is None:
+            r, r_mean = self.se1(x), None
+        else:
+            g1 = self.se1.gate(mean)
+            r, r_mean = x * g1.view(-1, x.shape[1], 1, 1), g1 * mean
         x4 = self.conv4(torch.cat([x3, r], dim=1))
         x5 = self.conv5(torch.cat([x2, x4], dim=1))
-        return self.conv6(torch.cat([x1, x5], dim=1)) + self.se2(r)
+        return self.conv6(torch.cat([x1, x5], dim=1)) + self.se2(r, r_mean)
 
 
 class NPM(nn.Module):
@@ -202,18 +215,26 @@ class DRCRNet(nn.Module):
         self.output_prelu2D = nn.PReLU()
         self.output_conv2D = ReflectConv(channels, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
+        """RGB [B, 3, H, W] → cube [B, bands, H, W].
+
+        ``means`` [n_blocks, C] (or [n_blocks, B, C]): each block's input mean to use in place of pooling
+        the input, e.g. the whole image's when ``x`` is a tile of it (:mod:`drcr_model.recalibration`).
+        """
+        f = self.trunk(x)
+        for i, block in enumerate(self.backbone):
+            f = block(f, None if means is None else means[i])
+        return self.output_conv2D(self.output_prelu2D(self.tail_conv2D(f)))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and NPM: RGB [B, 3, H, W] → the first block's input [B, C, H, W] (no re-calibration yet)."""
         h, w = x.shape[-2:]
         if h % 4 or w % 4 or h < 4 or w < 4:
             raise ValueError(
                 f"DRCRNet needs H and W to be multiples of 4 (>= 4), got {h}x{w}; "
                 "use drcr_model.reconstruct(..., mode='pad' or 'authors') for other sizes"
             )
-        f = self.head_conv2D(self.input_prelu2D(self.input_conv2D(x)))
-        f = self.denosing(f)
-        for block in self.backbone:
-            f = block(f)
-        return self.output_conv2D(self.output_prelu2D(self.tail_conv2D(f)))
+        return self.denosing(self.head_conv2D(self.input_prelu2D(self.input_conv2D(x))))
 
     def macs_per_pixel(self) -> int:
         """Multiply-accumulates per output pixel from the closed form in spec §1 (CRM cost excluded)."""

@@ -36,6 +36,7 @@ from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
 from pipeline.publish import publish_run
 from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members
+from pipeline.statistics import needs_global
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
 __all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
@@ -219,13 +220,44 @@ class _PredictorActor:
     def __init__(self, ctx: JobContext, num_cpus: float) -> None:
         self.predictor = Predictor(ctx, num_cpus=num_cpus)
 
-    def run(self, group: str, scale: float, tiles: list[Any], *windows: Any) -> dict[str, Any]:
-        out = self.predictor.run(group, scale, tiles, list(windows))
+    def run(self, group: str, scale: float, tiles: list[Any], *windows: Any, state: Any = None) -> dict[str, Any]:
+        out = self.predictor.run(group, scale, tiles, list(windows), None if state is None else state.means)
         out["node"] = ray.get_runtime_context().get_node_id()
         return out
 
+    def partial_sums(self, scale: float, height: int, width: int, tiles: list[Any], state: Any, *windows: Any) -> Any:
+        return self.predictor.partial_sums(scale, height, width, tiles, list(windows), state)
+
     def ready(self) -> str:
         return self.predictor.device_name
+
+
+@ray.remote(num_cpus=0, max_retries=3)  # adds a few [n_blocks, C] arrays: no CPU worth reserving
+def _reduce_statistics(state: Any, *parts: Any) -> Any:
+    from pipeline.statistics import add_sums
+
+    return add_sums(state, parts)
+
+
+def _submit_statistics(ctx: JobContext, actors: list[Any], meta: ImageMeta, chunks: list[list[Any]]) -> Any:
+    """Submit every statistics pass of one image (``tiling.statistics = "global"``); the final state's ref.
+
+    Pass ``p`` maps the image's batches of ``(tile, window ref)`` over the actors (``partial_sums``) and
+    reduces them in one small task; pass ``p + 1`` takes that state. All passes are submitted at once (each
+    task depends only on tasks submitted before it): once the state is done, later passes return at once.
+    """
+    from drcr_model.recalibration import GatherState
+
+    state = ray.put(GatherState(n_blocks=int(ctx.weights["config"]["n_blocks"])))
+    for _ in range(int(ctx.weights["config"]["n_blocks"])):
+        parts = [
+            actors[k % len(actors)].partial_sums.remote(
+                meta.scale, meta.height, meta.width, [t for t, _ in chunk], state, *[w for _, w in chunk]
+            )
+            for k, chunk in enumerate(chunks)
+        ]
+        state = _reduce_statistics.remote(state, *parts)
+    return state
 
 
 # --- driver ------------------------------------------------------------------------------------------------
@@ -245,6 +277,7 @@ class _Slot:
     failed: str | None = None
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     t0: float = 0.0
+    statistics: Any = None  # ref to the image's gathered GatherState (tiling.statistics = "global")
 
 
 def _row(ctx: JobContext, ref: ImageRef, **kw: Any) -> ManifestRow:
@@ -447,6 +480,14 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
             progress("done", 1)
 
     def flush(slot: _Slot, final: bool) -> None:
+        meta = slot.meta
+        if meta is not None and needs_global(spec.tiling.statistics, meta.tiles) and not slot.failed:
+            if not final:
+                return  # the passes need every window of the image first
+            if slot.statistics is None and slot.pending:
+                size = spec.ray.batch_size
+                chunks = [slot.pending[i : i + size] for i in range(0, len(slot.pending), size)]
+                slot.statistics = _submit_statistics(ctx, actors, meta, chunks)
         while len(slot.pending) >= spec.ray.batch_size or (final and slot.pending):
             chunk, slot.pending = slot.pending[: spec.ray.batch_size], slot.pending[spec.ray.batch_size :]
             batches.append((slot, chunk))
@@ -503,7 +544,9 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
                 continue
             assert slot.meta is not None
             tiles = [t for t, _ in chunk]
-            ref = actors[i].run.remote(slot.meta.group, slot.meta.scale, tiles, *[w for _, w in chunk])
+            ref = actors[i].run.remote(
+                slot.meta.group, slot.meta.scale, tiles, *[w for _, w in chunk], state=slot.statistics
+            )
             inflight[ref] = (slot, i)
             load[i] += 1
         # 3. Wait for something: finished batches, new tiles (only when batches have room), targz entries.

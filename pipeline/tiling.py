@@ -3,10 +3,19 @@
 Images with H·W ≤ ``max_tile_pixels`` are one tile (the whole image). Larger images get a grid of
 cores of side ``tile_core`` (a multiple of the output chunk, so every core covers whole chunks and no
 two tiles ever touch the same chunk); each tile's window is its core plus ``halo`` on every side, all
-windows the same size (a multiple of 4, so they batch), reflect-padded where they pass the image
-border. Only the core of each tile's output is kept. With a model whose receptive field fits in the
-halo, tiled output equals whole-image output exactly; DRCR's channel re-calibration pools over the
-whole input, so for DRCR it is close, not equal (README, "Tiling").
+windows of an image the same size (a multiple of 4, so they batch). Only the core of each tile's output
+is kept.
+
+Windows never reach past the *padded image*: the image reflect-padded bottom/right to a multiple of 4,
+which is what the network sees when it runs on the whole image (``inference.mode = "pad"``). A window
+that would pass that border is shifted inwards, so the network's own padding of every feature map
+happens at the true border, as in the whole-image run (reflect-padding the input is not the same: 3×3
+kernels are not symmetric). Window origins are multiples of 4, so the network's 2×2 and 4×4 pooling
+grids line up with the whole image's. The halo is honoured on every side away from the border (less
+2 px on the bottom/right side when ``halo % 4 == 2``). With a model whose receptive field fits in the
+halo, tiled output then equals whole-image output; DRCR's channel re-calibration also needs the whole
+image's statistics (:mod:`pipeline.statistics`), summed over :func:`statistics_region`, which partitions
+the padded image.
 """
 
 from __future__ import annotations
@@ -16,14 +25,25 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Croppable", "Tile", "plan_tiles", "reflect_indices", "extract_window", "crop_core", "stitch"]
+__all__ = [
+    "Croppable",
+    "Tile",
+    "plan_tiles",
+    "padded_size",
+    "statistics_region",
+    "reflect_indices",
+    "extract_window",
+    "crop_core",
+    "stitch",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
     """One tile, in image pixel coordinates.
 
-    ``y0, x0``: top-left of the window (may be negative: reflect-padded); ``height, width``: window size.
+    ``y0, x0``: top-left of the window (multiples of 4, inside the padded image); ``height, width``: window
+    size; rows/columns past the image's own border are its reflection.
     ``core_y0, core_x0, core_h, core_w``: the output region this tile writes (inside the image).
     ``whole``: the tile is the whole image, run without a halo (single-tile images).
     """
@@ -51,6 +71,16 @@ class Tile:
         return slice(dy, dy + self.core_h), slice(dx, dx + self.core_w)
 
 
+def padded_size(n: int) -> int:
+    """``n`` rounded up to a multiple of 4 (at least 4): the extent the network sees along one axis."""
+    return max(4, -(-n // 4) * 4)
+
+
+def _window_origin(core_start: int, halo: int, size: int, padded: int) -> int:
+    """Core start less the halo, down to a multiple of 4, shifted inwards to fit in ``[0, padded)``."""
+    return min(max(0, (core_start - halo) // 4 * 4), padded - size)
+
+
 def plan_tiles(height: int, width: int, *, max_tile_pixels: int, tile_core: int, halo: int) -> list[Tile]:
     """The tiles of an H×W image, in row-major order (deterministic)."""
     if height < 1 or width < 1:
@@ -59,13 +89,31 @@ def plan_tiles(height: int, width: int, *, max_tile_pixels: int, tile_core: int,
         return [Tile(0, 0, 0, height, width, 0, 0, height, width, whole=True)]
     if tile_core % 4 or halo % 2:
         raise ValueError(f"tile_core ({tile_core}) must be a multiple of 4 and halo ({halo}) even")
+    hp, wp = padded_size(height), padded_size(width)
     side = tile_core + 2 * halo
+    wh, ww = min(side, hp), min(side, wp)  # an image narrower than a window is one window across
     tiles: list[Tile] = []
     for cy in range(0, height, tile_core):
         for cx in range(0, width, tile_core):
             ch, cw = min(tile_core, height - cy), min(tile_core, width - cx)
-            tiles.append(Tile(len(tiles), cy - halo, cx - halo, side, side, cy, cx, ch, cw))
+            y0, x0 = _window_origin(cy, halo, wh, hp), _window_origin(cx, halo, ww, wp)
+            tiles.append(Tile(len(tiles), y0, x0, wh, ww, cy, cx, ch, cw))
     return tiles
+
+
+def statistics_region(tile: Tile, height: int, width: int) -> tuple[slice, slice]:
+    """Where a tile's share of the whole-image statistics lies, in window coordinates.
+
+    The core, extended to the padded border (:func:`padded_size`) on tiles whose core ends at the image's
+    bottom or right border; over the tiles of one plan these regions partition the padded image, so their
+    sums add up to the sums the whole-image ("pad" mode) run pools over.
+    """
+    ys, xs = tile.core_in_window
+    if tile.core_y0 + tile.core_h == height:
+        ys = slice(ys.start, padded_size(height) - tile.y0)
+    if tile.core_x0 + tile.core_w == width:
+        xs = slice(xs.start, padded_size(width) - tile.x0)
+    return ys, xs
 
 
 def reflect_indices(start: int, length: int, n: int) -> np.ndarray:
@@ -89,7 +137,7 @@ class Croppable(Protocol):
 
 
 def extract_window(image: np.ndarray | Croppable, tile: Tile) -> np.ndarray:
-    """The tile's window of an H×W×C image (reflect-padded outside the image), same dtype, contiguous.
+    """The tile's window of an H×W×C image (rows/columns past the image reflected), same dtype, contiguous.
 
     ``image`` is an array or anything with ``shape`` and ``crop(y0, y1, x0, x1)``; only the rows and columns
     the window uses are cropped, so a decoded image never has to exist as one whole array.

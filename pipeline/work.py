@@ -296,16 +296,19 @@ class Predictor:
         # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
         self._compute = threading.Lock()
 
-    def run(self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> dict[str, Any]:
+    def run(
+        self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
+    ) -> dict[str, Any]:
         """Run one batch (tiles of one image, in plan order) and write each core; returns timings.
 
-        Thread-safe: computes are serialised, the zarr writes of one call overlap the next call's compute.
-        Returns only after this batch's writes finished.
+        ``means``: the image's gathered re-calibration statistics (``tiling.statistics = "global"``,
+        :meth:`partial_sums`), ``None``: each tile's own. Thread-safe: computes are serialised, the zarr
+        writes of one call overlap the next call's compute. Returns only after this batch's writes finished.
         """
         with self._compute:
             start = time.time()  # wall clock, comparable across the processes of one host
             t0, c0 = time.perf_counter(), time.thread_time()
-            outputs = self._compute_batch(scale, tiles, windows)
+            outputs = self._compute_batch(scale, tiles, windows, means)
             t1, c1 = time.perf_counter(), time.thread_time()
         t_qa = time.perf_counter()
         inputs = _core_inputs(scale, tiles, windows)
@@ -342,7 +345,33 @@ class Predictor:
             "qa_s": qa_s,  # QA statistics + preview rendering and writes
         }
 
-    def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
+    def partial_sums(
+        self, scale: float, height: int, width: int, tiles: list[Tile], windows: list[np.ndarray], state: Any
+    ) -> tuple[np.ndarray, int] | None:
+        """One batch's share of a statistics pass (:func:`pipeline.statistics.tile_sums`) of an H×W image.
+
+        ``state`` is the :class:`~drcr_model.recalibration.GatherState` after the passes so far. Returns
+        ``None`` when it is already done: passes are submitted ahead, before convergence is known.
+        """
+        from pipeline.statistics import tile_sums, windows_to_batch
+
+        if state.done:
+            return None
+        with self._compute:
+            batch = windows_to_batch(windows, scale)
+            return tile_sums(
+                self.model,
+                batch,
+                tiles,
+                height,
+                width,
+                state.means,
+                channels_last=self.ctx.spec.inference.channels_last,
+            )
+
+    def _compute_batch(
+        self, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
+    ) -> list[np.ndarray]:
         """Each tile's core of the model output, bands × core_h × core_w float32."""
         from drcr_model.inference import forward, reconstruct
 
@@ -360,11 +389,19 @@ class Predictor:
                 precision=inf.precision,
                 channels_last=inf.channels_last,
                 preprocessed=True,
+                ensemble=inf.ensemble,
             )
             outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
         else:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
-            y = forward(self.model, batch, precision=inf.precision, channels_last=inf.channels_last)
+            y = forward(
+                self.model,
+                batch,
+                precision=inf.precision,
+                channels_last=inf.channels_last,
+                means=means,
+                ensemble=inf.ensemble,
+            )
             outputs = [crop_core(y[i], tile) for i, tile in enumerate(tiles)]
         return outputs
 
