@@ -35,7 +35,7 @@ from pipeline.lease import Lease, hold_lease
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
 from pipeline.publish import publish_run
-from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members
+from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members, normalize_url
 from pipeline.statistics import needs_global
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
 
@@ -366,12 +366,12 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
     for url, ref in listings:
         listed_now = ray.get(ref)
         if isinstance(listed_now, Exception):
-            rows[url] = _archive_row(url, run_id, listed_now)
+            rows[normalize_url(url)] = _archive_row(url, run_id, listed_now)
             continue
         images, rejected = listed_now
         listed.extend(images)
         if not images:
-            rows[url] = _archive_row(url, run_id, NO_IMAGES)
+            rows[normalize_url(url)] = _archive_row(url, run_id, NO_IMAGES)
         for rej in rejected:
             rows[rej.ref.key] = _rejected_row(ctx, rej)
     refs = {r.key: r for r in listed}
@@ -585,7 +585,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
                     continue
                 pair = ray.get(pair_ref)
                 if isinstance(pair[0], Exception) or pair[0] == NO_IMAGES:
-                    rows[targz[0]] = _archive_row(targz[0], run_id, pair[0])
+                    rows[normalize_url(targz[0])] = _archive_row(targz[0], run_id, pair[0])
                     if progress:
                         progress("total", 1)
                         progress("done", 1)

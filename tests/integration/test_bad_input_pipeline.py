@@ -154,7 +154,7 @@ def test_every_row_once_and_nothing_outside_the_prefix(corpus_run) -> None:  # t
     fs.invalidate_cache()
     everything = fs.find(name)
     out = f"{name}/out/"
-    known = (f"{name}/in/", *(out + d for d in ("cubes.zarr/", "manifest/", "previews/", "stac/", "report.html")))
+    known = (f"{name}/in/", *(out + d for d in ("cubes.zarr/", "manifest/", "catalog/", "previews/", "stac/", "report.html")))
     outside = [p for p in everything if not p.startswith(known)]
     assert outside == []
     groups = {r["group"] for r in rows if r["group"]}
@@ -179,7 +179,7 @@ def test_no_secret_in_outputs_or_logs(corpus_run) -> None:  # type: ignore[no-un
 
 def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The corpus from a local folder to a local output: every file written is under output/cubes.zarr,
-    manifest, previews, stac or is output/report.html; the input folder is unchanged; nothing appears beside the output."""
+    manifest, catalog, previews, stac or is output/report.html; the input folder is unchanged; nothing appears beside the output."""
     from pipeline.config import JobSpec
     from pipeline.execution import run_job
 
@@ -198,7 +198,7 @@ def test_local_run_writes_only_under_the_output(ray_local, tmp_path) -> None:  #
     summary = run_job(spec)
     assert summary.ok + summary.failed + summary.skipped == sum(len(c.expected) for c in cases)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in before]
-    places = [out / d for d in ("cubes.zarr", "manifest", "previews", "stac", "report.html")]
+    places = [out / d for d in ("cubes.zarr", "manifest", "catalog", "previews", "stac", "report.html")]
     assert written and all(any(p.is_relative_to(d) for d in places) for p in written), written
     assert {p: p.read_bytes() for p in (tmp_path / "in").rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["in", "work"] and os.listdir(tmp_path / "work") == ["out"]
@@ -237,7 +237,8 @@ def test_wrong_weights_hash_refused(ray_local, tmp_path, capsys) -> None:  # typ
     )
     assert rc == 1, text
     assert "sha256" in text and wrong in text and "refusing to load" in text, text
-    assert not (tmp_path / "out").exists()  # no cube, no manifest
+    # no cube, no manifest: at most the empty folder the (released) lease was taken in
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     rc, text = _cli(
         [
             "run",
@@ -287,7 +288,7 @@ def test_pickled_code_in_weights_never_runs(ray_local, tmp_path, capsys, monkeyp
     )
     assert rc == 1 and "weights-only" in text, text
     assert not marker.exists()
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # the released lease leaves no file
 
 
 def test_pillow_bomb_guard_is_on() -> None:
