@@ -1,50 +1,81 @@
-"""Running a job on Ray: the one module that imports ray.
+"""Running a job on Ray, as one Ray Data streaming dataset: the one module that imports ray.
 
-Reading, decoding and tiling run as Ray tasks on CPUs (:func:`pipeline.work.prepare_image` as a
-streaming generator, so tiles are owned by the driver and reconstructable, yet never fetched by it);
-DRCR runs in a pool of actors (:class:`pipeline.work.Predictor`) that load the weights once, take
-batches of tiles and use a GPU each when the cluster has them. Backpressure: at most
-``ray.max_images_in_flight`` images are prepared or inferred at once, at most
-``ray.max_batches_per_actor`` batches wait on each actor, and a prepare task's tiles are only pulled
-when a batch slot is free. Full cubes never pass through the driver: actors write regions to zarr.
-Actor restarts and task retries are on; an image whose batches still fail is recorded as ``failed``.
+The dataset, stage by stage (every row is one pickled typed record from :mod:`pipeline.work`)::
+
+    plan_work (driver: expand the input URLs; the work list)
+      → expand   tasks      archives listed, a .tar.gz streamed once     ImageTask | settled ImageMeta
+      → prepare  tasks      read, hash, resume check, decode, tile,      PreparedBatch (one per image batch)
+                            create the cube, cut per-image batches
+      → predict  actor pool weights once; model; cores → zarr           BatchRecord (small)
+      → driver   iterates the records; CompletionTracker settles each image; finish_image (in threads)
+                 writes its marker; then the manifest — all inside one JobRun (try/finally).
+
+Ray Data streams the stages with backpressure (blocks of windows wait in the object store within its
+budget; a prepare task whose output is not taken pauses), sizes the actor pool between ``ray.min_actors``
+and ``ray.max_actors`` as work queues and the cluster grows, and shows per-stage progress and stats. Source
+and window bytes never reach the driver; cubes never do. A batch whose actor dies is retried by Ray; the
+predictor counts attempts per batch (:class:`_BatchAttempts`) and fails a batch that keeps killing its
+worker (a "poison batch") for its image only.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import ray
+import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import cubes, storage
 from pipeline.config import JobSpec
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
-from pipeline.sources import ImageRef, Rejected, expand_inputs, iter_targz, list_members
-from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_image, storage_options
+from pipeline.sources import ImageRef, expand_inputs
+from pipeline.tracking import CompletionTracker, ImageDone, compute_stats
+from pipeline.work import (
+    ArchiveTask,
+    BatchRecord,
+    ImageMeta,
+    ImageTask,
+    JobContext,
+    Predictor,
+    PreparedBatch,
+    Status,
+    WorkItem,
+    expand_item,
+    finish_image,
+    peak_rss,
+    prepare_image,
+    settled,
+    storage_options,
+)
 
-__all__ = ["RunSummary", "run_job", "init_ray", "resolve_weights"]
+__all__ = ["RunSummary", "PoolPlan", "JobRun", "run_job", "init_ray", "resolve_weights", "plan_work", "plan_pool"]
 
 log = logging.getLogger(__name__)
 
-NO_IMAGES = "no-images"
-"""Marker a .tar.gz stream ends with when it held no image."""
-
 FINISH_THREADS = 4
-"""Threads that write completion markers beside the driver loop (0: inline, as before; benchmarks compare)."""
+"""Threads that write completion markers beside the driver loop, so it never waits on storage."""
 
-# A listing entry is skipped (not an error) when it simply is not an image; every other rejection fails.
-SKIP_REASONS = ("not an image extension",)
+MAX_BATCH_ATTEMPTS = 4
+"""Attempts of one batch (the first and 3 retries) before its image fails: a batch that keeps killing its
+actor (a tile that OOMs its worker, say) must not stall the job; Ray's own retries of actor calls are
+unbounded in Ray Data, so the predictor counts them (:class:`_BatchAttempts`)."""
+
+BLOCK_BYTES = 32 * 1024 * 1024
+"""Ray Data's target block size for this job: a prepare task hands over its windows in blocks of about this
+many bytes (then pauses when they are not taken), so what waits in a task or in the object store stays
+bounded whatever the image size."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -61,13 +92,9 @@ class RunSummary:
     """Peak resident memory in bytes by process kind: ``driver``, ``prepare`` (largest over prepare tasks)
     and ``actor`` (largest over inference actors, which also write the cubes)."""
     compute: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Model compute of the inference actors (see :func:`compute_stats`): ``batches``, ``busy_s`` (sum of
-    compute times), ``cpu_s`` (CPU time of the computing threads; below ``busy_s`` when the actor was
-    descheduled mid-compute), ``span_s`` (first compute start to last compute end, over all actors) and
-    ``busy_fraction`` (per actor, compute time ÷ its own first-start-to-last-end span, averaged): the
-    share of its steady-state time an actor spent computing rather than waiting for work; ``all_active_s``
-    and ``all_active_pixels``: the window in which every actor had started and none had finished, and the
-    output pixels computed in it (batches pro-rated)."""
+    """Model compute of the inference actors: :func:`pipeline.tracking.compute_stats`."""
+    pool: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The actor pool asked for: ``min``, ``max``, ``num_gpus``, ``num_cpus`` per actor."""
 
     @property
     def megapixels_per_s(self) -> float:
@@ -75,43 +102,6 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"megapixels_per_s": self.megapixels_per_s}
-
-
-def compute_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate the per-batch results of :meth:`pipeline.work.Predictor.run` (compute start/end, wall clock)."""
-    spans = [r for r in results if "compute_start" in r]
-    if not spans:
-        return {}
-    by_actor: dict[Any, list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in spans:
-        by_actor[(r.get("host"), r.get("pid"))].append(r)
-    # The window in which every actor was computing (after the last one started, before the first one
-    # ran out of work): throughput there is free of staggered actor start-up and of the tail.
-    lo = max(min(r["compute_start"] for r in rs) for rs in by_actor.values())
-    hi = min(max(r["compute_end"] for r in rs) for rs in by_actor.values())
-    window_pixels = 0.0
-    for r in spans:
-        dur = r["compute_end"] - r["compute_start"]
-        overlap = max(0.0, min(hi, r["compute_end"]) - max(lo, r["compute_start"]))
-        window_pixels += r.get("pixels", 0) * (overlap / dur if dur > 0 else 0.0)
-    fractions = []
-    for rs in by_actor.values():
-        span = max(r["compute_end"] for r in rs) - min(r["compute_start"] for r in rs)
-        fractions.append(sum(r["infer_s"] for r in rs) / span if span > 0 else 1.0)
-    first, last = min(r["compute_start"] for r in spans), max(r["compute_end"] for r in spans)
-    return {
-        "batches": len(spans),
-        "actors": len(by_actor),
-        "pixels": int(sum(r.get("pixels", 0) for r in spans)),
-        "busy_s": float(sum(r["infer_s"] for r in spans)),
-        "cpu_s": float(sum(r.get("infer_cpu_s", 0.0) for r in spans)),
-        "first_start": first,
-        "last_end": last,
-        "span_s": last - first,
-        "busy_fraction": sum(fractions) / len(fractions),
-        "all_active_s": max(0.0, hi - lo),
-        "all_active_pixels": window_pixels,
-    }
 
 
 def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
@@ -152,485 +142,440 @@ def resolve_weights(spec: JobSpec) -> dict[str, Any]:
     return w.to_record()
 
 
-# --- Ray remote wrappers ---------------------------------------------------------------------------------
+# --- planning (driver, before the dataset starts) ----------------------------------------------------------
 
 
-@ray.remote(max_retries=3)
-def _list_task(url: str, kind: str, ctx: JobContext) -> tuple[list[ImageRef], list[Rejected]] | Exception:
-    try:
-        return list_members(url, kind, storage_options(ctx))  # type: ignore[arg-type]
-    except InputError as exc:
-        return InputError(storage.describe_error(exc))
+def plan_work(spec: JobSpec, opts: dict[str, Any]) -> list[WorkItem]:
+    """The job's work list: the input URLs expanded (globs, prefixes) into images and archives, sorted.
+
+    The place to drop or reorder work before anything is read (a catalog that knows what is done, a lease):
+    every item left here is expanded, prepared and accounted for in the manifest."""
+    items: list[WorkItem] = []
+    for url, kind in expand_inputs(list(spec.inputs), opts):
+        if kind == "file":
+            items.append(ImageTask(ref=ImageRef(source=url, member=None, kind="file")))
+        else:
+            items.append(ArchiveTask(url=url, kind=kind))
+    log.info("planned %d inputs (%d archives)", len(items), sum(isinstance(i, ArchiveTask) for i in items))
+    return items
 
 
-@ray.remote(num_returns="streaming", max_retries=3)
-def _prepare_task(ctx: JobContext, ref: ImageRef | None, pair: tuple[Any, bytes | None] | None = None):
-    if pair is not None:
-        item, data = pair
-        if isinstance(item, Rejected):
-            yield item
-            return
-        ref = item
-    assert ref is not None
-    yield from prepare_image(ctx, ref, data if pair is not None else None)
-    yield {"peak_rss": peak_rss()}  # after every window: the task's own peak, for RunSummary.peak_rss
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolPlan:
+    """The inference actor pool: between ``min_size`` and ``max_size`` actors of ``num_cpus`` CPUs and
+    ``num_gpus`` GPUs each."""
+
+    min_size: int
+    max_size: int
+    num_gpus: float
+    num_cpus: float
 
 
-@ray.remote(num_returns="streaming", max_retries=0)
-def _targz_task(ctx: JobContext, url: str):
-    """Stream a .tar.gz once: one (ImageRef | Rejected, bytes | None) object per entry, then
-    ``(NO_IMAGES, None)`` if it held no image, or ``(InputError, None)`` if it broke off."""
-    rejected: list[Rejected] = []
-    images = 0
-    try:
-        for ref, data in iter_targz(url, storage_options(ctx), on_rejected=rejected.append):
-            while rejected:
-                yield (rejected.pop(0), None)
-            images += 1
-            yield (ref, data)
-        while rejected:
-            yield (rejected.pop(0), None)
-        if images == 0:
-            yield (NO_IMAGES, None)
-    except InputError as exc:
-        while rejected:
-            yield (rejected.pop(0), None)
-        yield (InputError(storage.describe_error(exc)), None)
+GPU_POLL_S = 1.0
 
 
-@ray.remote(max_restarts=-1, max_task_retries=3)
-class _PredictorActor:
-    def __init__(self, ctx: JobContext, num_cpus: float) -> None:
-        self.predictor = Predictor(ctx, num_cpus=num_cpus)
+def plan_pool(spec: JobSpec, *, sleep: Callable[[float], None] = time.sleep) -> PoolPlan:
+    """The actor pool for ``spec`` on the connected cluster, waiting for a GPU when one is asked for.
 
-    def run(self, group: str, scale: float, tiles: list[Any], *windows: Any) -> dict[str, Any]:
-        out = self.predictor.run(group, scale, tiles, list(windows))
-        out["node"] = ray.get_runtime_context().get_node_id()
-        return out
+    ``num_gpus_per_actor = -1`` (auto): one GPU per actor if the cluster has a GPU now, else CPU actors; it
+    never waits. A value > 0 on a cluster without a GPU asks the autoscaler for the pool's minimum
+    (``ray.autoscaler.sdk.request_resources``) and waits up to ``ray.gpu_wait_s``; then fails (a job that
+    asked for GPUs must not run on CPUs unnoticed).
 
-    def ready(self) -> str:
-        return self.predictor.device_name
-
-
-# --- driver ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(kw_only=True)
-class _Slot:
-    """One image in flight."""
-
-    gen: Any
-    label: ImageRef
-    meta: ImageMeta | None = None
-    pending: list[Any] = dataclasses.field(default_factory=list)  # (tile, window ref) not yet batched
-    next_tile: int = 0
-    outstanding: int = 0
-    exhausted: bool = False
-    failed: str | None = None
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    t0: float = 0.0
-
-
-def _row(ctx: JobContext, ref: ImageRef, **kw: Any) -> ManifestRow:
-    return ManifestRow(
-        input=storage.redact(ref.key), source=storage.redact(ref.source), member=ref.member, run_id=ctx.run_id, **kw
-    )
-
-
-def run_job(spec: JobSpec, *, progress: Callable[[str, int], None] | None = None) -> RunSummary:
-    """Run ``spec`` on the Ray cluster this process is connected to (``init_ray`` first).
-
-    ``progress(event, n)`` is called with ("total", n) once the inputs are known and ("done", 1) per input.
-    Returns the run summary; the manifest and root attributes are written before returning.
+    Raises:
+        ConfigError: no GPU came in time, half precision without GPUs, or the pool's minimum plus one prepare
+            task does not fit the cluster's CPUs.
     """
-    t_start = time.perf_counter()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    weights = resolve_weights(spec)
-    ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
-    opts = storage_options(ctx)
+    r = spec.ray
+    low, high = r.pool_size
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    num_gpus = spec.ray.num_gpus_per_actor if spec.ray.num_gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
+    num_gpus = r.num_gpus_per_actor if r.num_gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
+    if num_gpus > 0 and gpus < num_gpus:
+        gpus = _wait_for_gpus(num_gpus, low, r.num_cpus_per_actor, r.gpu_wait_s, sleep)
     if spec.inference.precision != "fp32" and num_gpus == 0:
         raise ConfigError(
             f"inference.precision = {spec.inference.precision!r}: half precision needs GPU actors, and this cluster has none"
         )
-
     cpus = float(ray.cluster_resources().get("CPU", 0))
-    need = spec.ray.actors * spec.ray.num_cpus_per_actor + spec.ray.decode_num_cpus
+    need = low * r.num_cpus_per_actor + r.decode_num_cpus
     if cpus < need:
         # Actors hold their CPUs for the whole job; with none left for decode tasks the job would wait forever.
         raise ConfigError(
-            f"ray.actors × ray.num_cpus_per_actor + ray.decode_num_cpus = {need:g} CPUs, but the cluster has {cpus:g}; "
-            "lower ray.actors or ray.num_cpus_per_actor (fractions are allowed), or ray.decode_num_cpus"
+            f"ray.actors (or ray.min_actors) × ray.num_cpus_per_actor + ray.decode_num_cpus = {need:g} CPUs, but "
+            f"the cluster has {cpus:g}; lower ray.actors or ray.num_cpus_per_actor (fractions are allowed), "
+            "or ray.decode_num_cpus"
         )
+    return PoolPlan(min_size=low, max_size=high, num_gpus=num_gpus, num_cpus=r.num_cpus_per_actor)
 
-    store = cubes.open_cubes(spec.output, opts)
-    root = cubes.zarr.open_group(store, mode="a")
-    root.attrs.update(
-        {
-            "drcr_pipeline_job": storage.redact(spec.to_dict()),
-            "drcr_pipeline_run": {
-                "run_id": run_id,
-                "started": now_utc(),
-                "software": software_versions(),
-                "status": "running",
-            },
-        }
+
+def _wait_for_gpus(per_actor: float, actors: int, cpus: float, wait_s: float, sleep: Callable[[float], None]) -> float:
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("waiting up to %.0f s for GPUs (ray.num_gpus_per_actor = %g)", wait_s, per_actor)
+    request_resources(bundles=[{"GPU": per_actor, "CPU": cpus}] * actors)
+    deadline = time.monotonic() + wait_s
+    while True:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus >= per_actor:
+            return gpus
+        if time.monotonic() >= deadline:
+            request_resources(bundles=[])
+            raise ConfigError(
+                f"ray.num_gpus_per_actor = {per_actor:g}: the cluster has no GPU after waiting {wait_s:g} s "
+                "(ray.gpu_wait_s); add GPU nodes, raise ray.gpu_wait_s, or set ray.num_gpus_per_actor = 0 for CPU actors"
+            )
+        sleep(min(GPU_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+# --- the dataset -------------------------------------------------------------------------------------------
+
+
+def _pack(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=5)
+
+
+def _unpack(data: Any) -> Any:
+    return pickle.loads(data)  # noqa: S301 - records this job's own workers made
+
+
+def _expand_rows(row: dict[str, Any], ctx: JobContext) -> Iterator[dict[str, Any]]:
+    for out in expand_item(ctx, _unpack(row["item"])):
+        yield {"item": _pack(out)}
+
+
+def _prepare_rows(row: dict[str, Any], ctx: JobContext) -> Iterator[dict[str, Any]]:
+    item = _unpack(row["item"])
+    if isinstance(item, ImageMeta):  # settled while expanding: passes on to the driver
+        yield {"batch": _pack(PreparedBatch(meta=item))}
+        return
+    for batch in prepare_image(ctx, item):
+        yield {"batch": _pack(batch)}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class _BatchAttempts:
+    """How many times each batch in flight has started; forgets a batch once it returns."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        self._started[key] = self._started.get(key, 0) + 1
+        return self._started[key]
+
+    def end(self, key: str) -> None:
+        self._started.pop(key, None)
+
+
+class _Predict:
+    """Ray Data's class UDF over the actor pool: one :class:`Predictor` per actor (weights loaded once);
+    each call takes one :class:`PreparedBatch` row, writes its cores and returns one :class:`BatchRecord`."""
+
+    def __init__(self, ctx: JobContext, num_cpus: float, predictor: Callable[..., Predictor], attempts: Any) -> None:
+        self.predictor = predictor(ctx, num_cpus=num_cpus)
+        self.attempts = attempts
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = [self._one(_unpack(b)) for b in rows["batch"]]
+        return {"record": np.array([_pack(r) for r in records], dtype=object)}
+
+    def _one(self, b: PreparedBatch) -> BatchRecord:
+        if b.count == 0:
+            return BatchRecord(meta=b.meta, index=0, count=0, prepare_peak_rss=b.peak_rss)
+        key = f"{b.meta.group}#{b.index}"
+        attempt = ray.get(self.attempts.begin.remote(key))
+        base = BatchRecord(meta=b.meta, index=b.index, count=b.count, prepare_peak_rss=b.peak_rss)
+        if attempt > MAX_BATCH_ATTEMPTS:
+            why = f"batch {b.index} of {b.count} lost its actor {attempt - 1} times (each attempt killed the worker)"
+            return dataclasses.replace(base, error=why)
+        assert b.windows is not None
+        try:
+            result = self.predictor.run(b.meta.group, b.meta.scale, b.tiles, b.windows)
+        except Exception as exc:  # the model or the write failed for this batch: its image fails, the job goes on
+            log.warning("%s: batch %d failed: %s", b.meta.ref.name, b.index, storage.describe_error(exc))
+            return dataclasses.replace(base, error=storage.describe_error(exc))
+        finally:
+            self.attempts.end.remote(key)
+        return dataclasses.replace(base, result=dataclasses.replace(result, node=self.node))
+
+
+def _one_row_blocks(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """One row per block: an image (or one batch of windows) is the unit Ray Data schedules, so a
+    prepare task takes one image and an actor call one batch, and a failed call touches one batch."""
+    return ds.repartition(target_num_rows_per_block=1)
+
+
+def build_dataset(
+    ctx: JobContext, work: list[WorkItem], pool: PoolPlan, predictor: Callable[..., Predictor], attempts: Any
+) -> ray.data.Dataset:
+    """The job's dataset: work items → expand → prepare → predict; rows of the result are packed records."""
+    r = ctx.spec.ray
+    # One item per block, so archives are expanded in parallel tasks.
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"item": _pack(w)} for w in work], override_num_blocks=max(1, len(work))
+    )
+    # Listing reads headers and a .tar.gz stream gunzips: light next to decoding, so no CPU is reserved (and
+    # expand stays a stage of its own instead of fusing into prepare, which would decode a .tar.gz's
+    # members one after another in one task).
+    ds = _one_row_blocks(ds.flat_map(_expand_rows, fn_args=(ctx,), num_cpus=0))
+    prepare = ray.data.TaskPoolStrategy(size=r.max_images_in_flight)  # images decoded at once (memory bound)
+    ds = _one_row_blocks(ds.flat_map(_prepare_rows, fn_args=(ctx,), num_cpus=r.decode_num_cpus, compute=prepare))
+    # overlap_writes: two calls per actor, the UDF running in both (Predictor serialises compute with a
+    # lock): one call writes its cores to zarr while the next computes.
+    calls = 2 if r.overlap_writes else 1
+    actors = ray.data.ActorPoolStrategy(
+        min_size=pool.min_size,
+        max_size=pool.max_size,
+        max_tasks_in_flight_per_actor=max(calls, r.max_batches_per_actor),
+        max_concurrent_calls_per_actor=calls,
+        enable_true_multi_threading=r.overlap_writes,
+    )
+    return ds.map_batches(
+        _Predict,
+        fn_constructor_args=(ctx, pool.num_cpus, predictor, attempts),
+        batch_size=1,  # one PreparedBatch row: the batch of tiles was cut per image in prepare
+        batch_format="numpy",
+        compute=actors,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
     )
 
-    rows: dict[str, ManifestRow] = {}
-    work: collections.deque[Any] = collections.deque()
-    listings = []
-    for url, kind in expand_inputs(list(spec.inputs), opts):
-        if kind == "file":
-            work.append(("ref", ImageRef(source=url, member=None, kind="file")))
-        elif kind == "targz":
-            work.append(("targz", url))
-        else:
-            listings.append((url, _list_task.remote(url, kind, ctx)))
-    for url, ref in listings:
-        listed = ray.get(ref)
-        if isinstance(listed, Exception):
-            rows[url] = _archive_row(url, run_id, listed)
-            continue
-        images, rejected = listed
-        work.extend(("ref", r) for r in images)
-        if not images:
-            rows[url] = _archive_row(url, run_id, NO_IMAGES)
-        for rej in rejected:
-            rows[rej.ref.key] = _rejected_row(ctx, rej)
-    if progress:
-        progress("total", len(work) + len(rows))
-        progress("done", len(rows))
 
-    # max_concurrency=2 (ray.overlap_writes): one call writes its cores while the next one computes.
-    concurrency = 2 if spec.ray.overlap_writes else 1
-    actors = [
-        _PredictorActor.options(  # type: ignore[attr-defined]
-            num_cpus=spec.ray.num_cpus_per_actor, num_gpus=num_gpus, max_concurrency=concurrency
-        ).remote(ctx, spec.ray.num_cpus_per_actor)
-        for _ in range(spec.ray.actors)
-    ]
-    load = [0] * len(actors)
-    batches: collections.deque[tuple[_Slot, list[Any]]] = collections.deque()
-    inflight: dict[Any, tuple[_Slot, int]] = {}
-    slots: dict[Any, _Slot] = {}
-    targz_gens: list[Any] = []
-    megapixels = 0.0
-    nodes: set[str] = set()
-    peaks = {"prepare": 0, "actor": 0}
-    capacity = len(actors) * spec.ray.max_batches_per_actor
-    all_results: list[dict[str, Any]] = []
-    # Completion markers are storage writes: a few threads do them so the driver loop never waits on
-    # storage before dispatching the next batch. A row is final once its marker is written.
-    finisher = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, FINISH_THREADS), thread_name_prefix="finish")
-    finishing: list[tuple[concurrent.futures.Future[None], ManifestRow, ImageMeta, list[dict[str, Any]]]] = []
+def _configure_data_context() -> None:
+    data = ray.data.DataContext.get_current()
+    data.target_max_block_size = BLOCK_BYTES
+    data.execution_options.preserve_order = False  # records may come in any order; the tracker counts them
 
-    def settle(block: bool) -> None:
-        nonlocal megapixels
-        for item in list(finishing):
-            fut, row, meta, results = item
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+class JobRun:
+    """One run's lifecycle, in the manner of Ray Data's ``Datasink`` hooks; use as a context manager.
+
+    ``on_start`` (on enter): root attributes ``status = running``. :meth:`on_record`: each batch record →
+    :class:`CompletionTracker`; a settled image → :meth:`on_image`. ``on_complete``: the manifest, root
+    ``finished`` with the summary. ``on_failed`` (an exception escaped): root ``failed`` with the error; the
+    marker threads are joined and the attempt counter released either way.
+    """
+
+    def __init__(self, ctx: JobContext, opts: dict[str, Any], progress: Callable[[str, int], None] | None) -> None:
+        self.ctx, self.opts, self.progress = ctx, opts, progress
+        self.t0 = time.perf_counter()
+        self.tracker = CompletionTracker()
+        self.rows: dict[str, ManifestRow] = {}
+        self.results: list[Any] = []
+        self.nodes: set[str] = set()
+        self.megapixels = 0.0
+        self.peaks = {"prepare": 0, "actor": 0}
+        self.finisher = concurrent.futures.ThreadPoolExecutor(max_workers=FINISH_THREADS, thread_name_prefix="finish")
+        self.finishing: list[tuple[concurrent.futures.Future[None], ImageDone, ManifestRow]] = []
+        self.root: Any = None
+        self.summary: RunSummary | None = None
+        self.pool: PoolPlan | None = None
+        self.attempts: Any = None
+        self.planned: dict[str, ImageRef] = {}
+
+    # hooks --------------------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        store = cubes.open_cubes(self.ctx.spec.output, self.opts)
+        self.root = cubes.zarr.open_group(store, mode="a")
+        self.root.attrs.update(
+            {
+                "drcr_pipeline_job": storage.redact(self.ctx.spec.to_dict()),
+                "drcr_pipeline_run": self._run_attrs("running", started=now_utc()),
+            }
+        )
+        # The driver's node: a worker node lost mid-job takes no count with it.
+        here = ray.get_runtime_context().get_node_id()
+        affinity = NodeAffinitySchedulingStrategy(node_id=here, soft=True)
+        self.attempts = _BatchAttempts.options(scheduling_strategy=affinity).remote()  # type: ignore[attr-defined]
+        log.info("run %s started: output %s", self.ctx.run_id, storage.redact(self.ctx.spec.output))
+
+    def on_planned(self, work: list[WorkItem]) -> None:
+        """The work list is known: plain images count towards the progress total now, archives' members
+        as they are found."""
+        self.planned = {w.ref.key: w.ref for w in work if isinstance(w, ImageTask)}
+        self._progress("total", len(self.planned))
+
+    def on_record(self, record: BatchRecord) -> None:
+        done = self.tracker.add(record)
+        if done is not None:
+            self.on_image(done)
+        self._settle(block=False)
+
+    def on_image(self, done: ImageDone) -> None:
+        """A settled image: the place where an image's batch results are reduced before its marker (the
+        marker is written by :func:`pipeline.work.finish_image`, in a thread; the row is final once it is)."""
+        meta = done.meta
+        self.peaks["prepare"] = max(self.peaks["prepare"], done.prepare_peak_rss)
+        self.peaks["actor"] = max([self.peaks["actor"], *(r.peak_rss for r in done.results)])
+        self.results.extend(done.results)
+        row = _manifest_row(self.ctx, done)
+        if meta.ref.key not in self.planned:  # found inside an archive, or the archive's own row
+            self._progress("total", 1)
+        if done.needs_marker:
+            log.info("%s: %d batches written; marking complete", meta.ref.name, len(done.results))
+            self.finishing.append((self.finisher.submit(finish_image, self.ctx, meta, done.results), done, row))
+            return
+        if meta.status is not Status.SKIPPED:
+            log.info("%s: %s (%s)", meta.ref.name, row.status, row.error)
+        self._final(row)
+
+    def on_complete(self) -> RunSummary:
+        """Every record is in: images still missing batches, and planned images never heard of, fail (no
+        input leaves the run unaccounted); then the manifest and the root attributes."""
+        lost = [
+            ImageDone(meta=settled(ref, Status.FAILED, "LostInput", f"{storage.redact(ref.name)}: no record came back"))
+            for key, ref in self.planned.items()
+            if not self.tracker.is_settled(key)
+        ]
+        for done in [*self.tracker.close(), *lost]:
+            log.error("%s: %s", done.meta.ref.name, done.error or done.meta.error)
+            self.on_image(done)
+        self._settle(block=True)
+        summary = RunSummary(
+            run_id=self.ctx.run_id,
+            elapsed_s=time.perf_counter() - self.t0,
+            megapixels=self.megapixels,
+            nodes=sorted(self.nodes),
+            peak_rss={"driver": peak_rss(), **self.peaks},
+            compute=compute_stats(self.results),
+            pool=dataclasses.asdict(self.pool) if self.pool else {},
+        )
+        for row in self.rows.values():
+            setattr(summary, row.status, getattr(summary, row.status) + 1)
+        summary.manifest = write_manifest(self.ctx.spec.output, list(self.rows.values()), self.ctx.run_id, self.opts)
+        self.root.attrs.update(
+            {"drcr_pipeline_run": self._run_attrs("finished", finished=now_utc(), summary=summary.to_dict())}
+        )
+        log.info(
+            "run %s finished: %d ok, %d failed, %d skipped",
+            self.ctx.run_id,
+            summary.ok,
+            summary.failed,
+            summary.skipped,
+        )
+        self.summary = summary
+        return summary
+
+    def on_failed(self, exc: BaseException) -> None:
+        if self.root is not None:
+            error = f"{type(exc).__name__}: {storage.describe_error(exc)}"
+            self.root.attrs.update({"drcr_pipeline_run": self._run_attrs("failed", finished=now_utc(), error=error)})
+        log.error("run %s failed: %s", self.ctx.run_id, storage.describe_error(exc))
+
+    # plumbing -----------------------------------------------------------------------------------------
+    def __enter__(self) -> JobRun:
+        self.on_start()
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None:
+                self.on_failed(exc)
+        finally:
+            self.finisher.shutdown(wait=True)
+            if self.attempts is not None:
+                ray.kill(self.attempts)
+
+    def _run_attrs(self, status: str, **extra: Any) -> dict[str, Any]:
+        return {"run_id": self.ctx.run_id, "software": software_versions(), "status": status, **extra}
+
+    def _settle(self, block: bool) -> None:
+        for item in list(self.finishing):
+            fut, done, row = item
             if not block and not fut.done():
                 continue
-            finishing.remove(item)
+            self.finishing.remove(item)
             try:
                 fut.result()
-                row.status = "ok"
-                row.infer_s = float(sum(r["infer_s"] for r in results))
-                megapixels += (meta.width or 0) * (meta.height or 0) / 1e6
-                nodes.update(r["node"] for r in results)
+                row.status = Status.OK.value
+                self.megapixels += (done.meta.width or 0) * (done.meta.height or 0) / 1e6
+                self.nodes.update(r.node for r in done.results if r.node)
             except Exception as exc:  # storage failure at the marker: the cube is not complete
-                row.status, row.error_type, row.error = "failed", type(exc).__name__, storage.describe_error(exc)
-            rows[meta.ref.key] = row
-            if progress:
-                progress("done", 1)
-
-    prepare = _prepare_remote(spec)
-
-    def start_image(item: Any) -> None:
-        kind, value = item
-        gen = prepare.remote(ctx, value) if kind == "ref" else prepare.remote(ctx, None, value)
-        label = value if kind == "ref" else ImageRef(source=f"<tar.gz entry {id(gen):x}>", member=None, kind="targz")
-        slot = _Slot(gen=gen, label=label, t0=time.perf_counter())
-        slots[gen] = slot
-
-    def close(slot: _Slot) -> None:
-        meta = slot.meta
-        if meta is None:
-            return
-        del slots[slot.gen]
-        peaks["actor"] = max([peaks["actor"]] + [int(r.get("peak_rss", 0)) for r in slot.results])
-        row = _row(
-            ctx,
-            meta.ref,
-            group=meta.group,
-            source_sha256=meta.sha256,
-            source_bytes=meta.nbytes,
-            width=meta.width,
-            height=meta.height,
-            tiles=len(meta.tiles),
-            decode_s=meta.decode_s,
-            total_s=time.perf_counter() - slot.t0,
-        )
-        if meta.status != "run":
-            row.status, row.error_type, row.error = meta.status, meta.error_type, meta.error
-            if meta.status == "failed":
-                row.group = None
-        elif slot.failed:
-            row.status, row.error_type, row.error = "failed", "InferenceError", slot.failed
-        else:
-            fut: concurrent.futures.Future[None]
-            if FINISH_THREADS > 0:
-                fut = finisher.submit(finish_image, ctx, meta, slot.results)
-            else:
-                fut = concurrent.futures.Future()
-                try:
-                    finish_image(ctx, meta, slot.results)
-                    fut.set_result(None)
-                except Exception as exc:
-                    fut.set_exception(exc)
-            finishing.append((fut, row, meta, slot.results))
-            return
-        rows[meta.ref.key] = row
-        if progress:
-            progress("done", 1)
-
-    def flush(slot: _Slot, final: bool) -> None:
-        while len(slot.pending) >= spec.ray.batch_size or (final and slot.pending):
-            chunk, slot.pending = slot.pending[: spec.ray.batch_size], slot.pending[spec.ray.batch_size :]
-            batches.append((slot, chunk))
-            slot.outstanding += 1
-
-    def next_work() -> Any | None:
-        if work:
-            return work.popleft()
-        return None
-
-    last_progress, longest = time.perf_counter(), 0.0
-
-    def stalled() -> bool:
-        """Nothing moved (no batch finished, no item taken) for a while. Prepare tasks paused by
-        backpressure keep their CPUs, so an actor restarting after a crash or a node loss, or the prepare
-        tasks a paused .tar.gz stream feeds, may be waiting for a CPU that only they can free; then items
-        are taken regardless of room, the paused tasks run to their end, and their CPUs come back."""
-        return time.perf_counter() - last_progress > max(STALL_S, 3 * longest)
-
-    while work or slots or targz_gens or batches or inflight:
-        settle(block=False)
-        # 1. Start images while there is room.
-        while len(slots) < spec.ray.max_images_in_flight:
-            item = next_work()
-            if item is None:
-                break
-            if item[0] == "targz":
-                targz_gens.append(
-                    (
-                        item[1],
-                        # No CPU reserved: the stream pauses (backpressure) until the driver takes its entries,
-                        # and a paused task holding a decode CPU would starve the prepare tasks it feeds.
-                        # Gunzip and reading are light next to decoding.
-                        _targz_task.options(
-                            num_cpus=0,
-                            _generator_backpressure_num_objects=2 * spec.ray.max_images_in_flight,
-                        ).remote(ctx, item[1]),
-                    )
+                row.status, row.error_type, row.error = (
+                    Status.FAILED.value,
+                    type(exc).__name__,
+                    storage.describe_error(exc),
                 )
-                continue
-            start_image(item)
-        # 2. Dispatch ready batches to the least-loaded actor with room.
-        while batches:
-            i = min(range(len(actors)), key=lambda k: load[k])
-            if load[i] >= spec.ray.max_batches_per_actor:
-                break
-            slot, chunk = batches.popleft()
-            if slot.failed:
-                slot.outstanding -= 1
-                if slot.exhausted and slot.outstanding == 0:
-                    close(slot)
-                continue
-            assert slot.meta is not None
-            tiles = [t for t, _ in chunk]
-            ref = actors[i].run.remote(slot.meta.group, slot.meta.scale, tiles, *[w for _, w in chunk])
-            inflight[ref] = (slot, i)
-            load[i] += 1
-        # 3. Wait for something: finished batches, new tiles (only when batches have room), targz entries.
-        waitables = list(inflight)
-        stuck = stalled()
-        if len(batches) < capacity or stuck:
-            waitables += [s.gen for s in slots.values() if not s.exhausted]
-        if len(slots) < spec.ray.max_images_in_flight or stuck:
-            waitables += [g for _, g in targz_gens]
-        if not waitables:
-            continue
-        ready, _ = ray.wait(waitables, num_returns=1, timeout=5.0)
-        if ready:
-            last_progress = time.perf_counter()
-        for obj in ready:
-            if obj in inflight:
-                slot, i = inflight.pop(obj)
-                load[i] -= 1
-                slot.outstanding -= 1
-                try:
-                    result = ray.get(obj)
-                    slot.results.append(result)
-                    all_results.append(result)
-                    longest = max(longest, float(result["infer_s"]) + float(result["write_s"]))
-                except Exception as exc:  # actor gone after its restarts, or an error in the model
-                    slot.failed = slot.failed or storage.describe_error(exc)
-                if slot.exhausted and slot.outstanding == 0:
-                    close(slot)
-                continue
-            targz = next(((u, g) for u, g in targz_gens if g is obj), None)
-            if targz is not None:
-                try:
-                    pair_ref = next(obj)  # type: ignore[arg-type]
-                except StopIteration:
-                    targz_gens.remove(targz)
-                    continue
-                pair = ray.get(pair_ref)
-                if isinstance(pair[0], Exception) or pair[0] == NO_IMAGES:
-                    rows[targz[0]] = _archive_row(targz[0], run_id, pair[0])
-                    if progress:
-                        progress("total", 1)
-                        progress("done", 1)
-                elif isinstance(pair[0], Rejected):
-                    rows[pair[0].ref.key] = _rejected_row(ctx, pair[0])
-                    if progress:
-                        progress("total", 1)
-                        progress("done", 1)
-                else:
-                    if progress:
-                        progress("total", 1)
-                    start_image(("pair", pair_ref))
-                continue
-            slot = slots[obj]
-            try:
-                item_ref = next(obj)  # type: ignore[arg-type]
-            except StopIteration:
-                slot.exhausted = True
-                if slot.meta is not None and slot.meta.status == "run" and slot.next_tile < len(slot.meta.tiles):
-                    # e.g. a retried task that failed this time after earlier windows were taken
-                    slot.failed = (
-                        slot.failed or f"prepare task ended after {slot.next_tile} of {len(slot.meta.tiles)} windows"
-                    )
-                flush(slot, final=True)
-                if slot.outstanding == 0:
-                    close(slot)
-                continue
-            if slot.meta is None:
-                try:
-                    first = ray.get(item_ref)
-                except Exception as exc:  # the prepare task failed after its retries
-                    slot.exhausted = True
-                    slot.meta = ImageMeta(
-                        ref=slot.label,
-                        group="",
-                        status="failed",
-                        error_type=type(exc).__name__,
-                        error=storage.describe_error(exc),
-                    )
-                    close(slot)
-                    continue
-                if isinstance(first, Rejected):
-                    rows[first.ref.key] = _rejected_row(ctx, first)
-                    del slots[obj]
-                    if progress:
-                        progress("done", 1)
-                    continue
-                slot.meta = first
-                continue
-            assert slot.meta is not None
-            if slot.meta.status != "run" or slot.next_tile >= len(slot.meta.tiles):  # the last item: peak memory
-                # A figure, not a result: if it was lost with a node, it is simply not counted.
-                with contextlib.suppress(Exception):
-                    peaks["prepare"] = max(peaks["prepare"], int(ray.get(item_ref)["peak_rss"]))
-                continue
-            slot.pending.append((slot.meta.tiles[slot.next_tile], item_ref))
-            slot.next_tile += 1
-            flush(slot, final=False)
+                row.group = None
+            self._final(row)
 
-    settle(block=True)
-    finisher.shutdown()
-    summary = RunSummary(
-        run_id=run_id,
-        elapsed_s=time.perf_counter() - t_start,
-        megapixels=megapixels,
-        nodes=sorted(nodes),
-        peak_rss={"driver": peak_rss(), **peaks},
-        compute=compute_stats(all_results),
+    def _final(self, row: ManifestRow) -> None:
+        self.rows[row.input] = row
+        self._progress("done", 1)
+
+    def _progress(self, event: str, n: int) -> None:
+        if self.progress is not None and n:
+            self.progress(event, n)
+
+
+def _manifest_row(ctx: JobContext, done: ImageDone) -> ManifestRow:
+    """The manifest row of a settled image (``ok`` rows become final once their marker is written)."""
+    meta = done.meta
+    row = ManifestRow(
+        input=storage.redact(meta.ref.key),
+        source=storage.redact(meta.ref.source),
+        member=meta.ref.member,
+        run_id=ctx.run_id,
+        group=meta.group or None,
+        source_sha256=meta.sha256,
+        source_bytes=meta.nbytes,
+        width=meta.width,
+        height=meta.height,
+        tiles=meta.tiles or None,
+        decode_s=meta.decode_s or None,
+        infer_s=float(sum(r.infer_s for r in done.results)) if done.results else None,
     )
-    for row in rows.values():
-        setattr(summary, row.status, getattr(summary, row.status) + 1)
-    summary.manifest = write_manifest(spec.output, list(rows.values()), run_id, opts)
-    root.attrs.update(
-        {
-            "drcr_pipeline_run": {
-                "run_id": run_id,
-                "finished": now_utc(),
-                "software": software_versions(),
-                "status": "finished",
-                "summary": summary.to_dict(),
-            }
-        }
-    )
-    for a in actors:
-        ray.kill(a)
-    return summary
+    if meta.status is Status.RUN:
+        if done.error is not None:
+            row.status, row.error_type, row.error, row.group = "failed", "InferenceError", done.error, None
+        return row
+    row.status, row.error_type, row.error = meta.status.value, meta.error_type, meta.error
+    if meta.status is Status.FAILED:
+        row.group = None
+    return row
 
 
-STALL_S = 5.0
-"""Seconds without progress (or 3 × the longest batch, if longer) after which the driver takes tiles
-regardless of room (see ``stalled`` in :func:`run_job`)."""
+def _records(ds: ray.data.Dataset) -> Iterator[BatchRecord]:
+    for row in ds.iter_rows():
+        yield _unpack(row["record"])
 
 
-def _prepare_remote(spec: JobSpec) -> Any:
-    """The prepare task with the job's resources. It runs at most :func:`tiles_ahead` windows ahead of the
-    driver, which takes them only as batches find room: windows waiting in the object store stay bounded
-    whatever the image size."""
-    return _prepare_task.options(
-        num_cpus=spec.ray.decode_num_cpus, _generator_backpressure_num_objects=tiles_ahead(spec)
-    )
+def run_job(
+    spec: JobSpec,
+    *,
+    progress: Callable[[str, int], None] | None = None,
+    predictor: Callable[..., Predictor] = Predictor,
+) -> RunSummary:
+    """Run ``spec`` on the Ray cluster this process is connected to (``init_ray`` first).
 
+    Args:
+        spec: the job.
+        progress: called with ("total", n) as inputs become known and ("done", 1) per settled input.
+        predictor: makes each actor's predictor, called as ``predictor(ctx, num_cpus=...)``: a
+            :class:`~pipeline.work.Predictor` subclass or a partial of one (the benchmarks' stand-in model).
 
-WINDOWS_AHEAD_BYTES = 32 * 1024 * 1024
-"""About how many bytes of windows one prepare task may have waiting in the object store (see
-:func:`tiles_ahead`)."""
-
-
-def tiles_ahead(spec: JobSpec) -> int:
-    """How many items a prepare task may yield beyond those the driver has taken before it pauses: about
-    ``WINDOWS_AHEAD_BYTES`` of windows (8-bit RGB), and never fewer than fill every actor's queue once more
-    (``actors × max_batches_per_actor × batch_size``), plus its first and last items.
-
-    Small and medium images never pause, so their tasks end and free their CPUs while the actors work
-    (decode overlaps inference); a big image's windows never sit in the object store all at once.
+    Returns the run summary; the manifest and root attributes are written before returning. Raises what
+    stops the whole job (bad spec, unreadable weights, no GPU in time), after marking the run ``failed``.
     """
-    t = spec.tiling
-    window = (t.tile_core + 2 * t.halo) ** 2 * 3
-    return (
-        max(spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size, WINDOWS_AHEAD_BYTES // window) + 2
-    )
-
-
-def _archive_row(url: str, run_id: str, problem: Exception | str) -> ManifestRow:
-    """The row of a whole archive: ``failed`` when it cannot be read, ``skipped`` when it holds no image."""
-    name = storage.redact(url)
-    if isinstance(problem, Exception):
-        return ManifestRow(
-            input=name, source=name, status="failed", error_type="ArchiveError", error=str(problem), run_id=run_id
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    weights = resolve_weights(spec)
+    ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
+    opts = storage_options(ctx)
+    pool = plan_pool(spec)
+    with JobRun(ctx, opts, progress) as run:
+        run.pool = pool
+        work = plan_work(spec, opts)
+        run.on_planned(work)
+        _configure_data_context()
+        ds = build_dataset(ctx, work, pool, predictor, run.attempts)
+        log.info(
+            "pool: %d..%d actors, %g GPU and %g CPU each", pool.min_size, pool.max_size, pool.num_gpus, pool.num_cpus
         )
-    return ManifestRow(
-        input=name,
-        source=name,
-        status="skipped",
-        error_type="NoImages",
-        error=f"{name}: archive contains no images",
-        run_id=run_id,
-    )
-
-
-def _rejected_row(ctx: JobContext, rej: Rejected) -> ManifestRow:
-    status = "skipped" if rej.reason in SKIP_REASONS else "failed"
-    return _row(
-        ctx, rej.ref, status=status, error_type="RejectedMember", error=f"{storage.redact(rej.ref.name)}: {rej.reason}"
-    )
+        for record in _records(ds):
+            run.on_record(record)
+        log.info("Ray Data stats:\n%s", ds.stats())
+        return run.on_complete()

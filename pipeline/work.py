@@ -1,14 +1,22 @@
-"""The work of one job, as plain functions and one plain class, without Ray.
+"""The work of one job, as plain functions, one plain class and the typed records between them, without Ray.
 
-:func:`prepare_image` (a CPU task: read, hash, resume check, decode, plan tiles, create the cube) and
-:class:`Predictor` (an actor: weights loaded once, batches of tiles → model → cores written to zarr) and
-:func:`finish_image` (completion marker) are what :mod:`pipeline.execution` runs on Ray. Data errors of
-one input become a ``failed`` :class:`ImageMeta`; programming errors propagate.
+The stages :mod:`pipeline.execution` runs on Ray Data, in order:
+
+* :func:`expand_item` (a task): a :data:`WorkItem` → :class:`ImageTask` per image (archives listed, a
+  ``.tar.gz`` streamed once) and settled :class:`ImageMeta` for what is not converted;
+* :func:`prepare_image` (a CPU task): read, hash, resume check, decode, plan tiles, create the cube →
+  the image's :class:`PreparedBatch` es, in plan order;
+* :class:`Predictor` (an actor): weights loaded once, a batch → model → cores written to zarr → a
+  :class:`BatchResult`;
+* :func:`finish_image` (the driver, once every batch of the image is written): the completion marker.
+
+Data errors of one input become a settled ``FAILED`` meta; programming errors propagate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import logging
@@ -16,7 +24,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,12 +33,21 @@ from pipeline import cubes, storage
 from pipeline.config import JobSpec
 from pipeline.errors import InputError
 from pipeline.provenance import host_info, now_utc, software_versions
-from pipeline.sources import ImageRef, read_member
+from pipeline.sources import ImageRef, Kind, Rejected, iter_targz, list_members, read_member
 from pipeline.tiling import Tile, crop_core, extract_window, plan_tiles
 
 __all__ = [
     "JobContext",
+    "Status",
+    "ImageTask",
+    "ArchiveTask",
+    "WorkItem",
     "ImageMeta",
+    "PreparedBatch",
+    "BatchResult",
+    "BatchRecord",
+    "settled",
+    "expand_item",
     "prepare_image",
     "Predictor",
     "finish_image",
@@ -66,13 +83,44 @@ def storage_options(ctx: JobContext) -> dict[str, Any]:
     return storage.resolve_storage_options(ctx.spec.storage)
 
 
-@dataclasses.dataclass(kw_only=True)
-class ImageMeta:
-    """The outcome of preparing one image. ``status``: ``run`` (tiles follow), ``skipped`` or ``failed``."""
+class Status(enum.StrEnum):
+    """What became of one input. ``RUN``: prepared, its batches go to the predictors."""
+
+    RUN = "run"
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageTask:
+    """One image to prepare: its ref and, for a streamed ``.tar.gz`` member, its bytes (read already)."""
 
     ref: ImageRef
-    group: str
-    status: str = "run"
+    data: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArchiveTask:
+    """An archive whose members become :class:`ImageTask` (tar, zip: listed; tar.gz: streamed once)."""
+
+    url: str
+    kind: Kind
+
+
+WorkItem = ImageTask | ArchiveTask
+"""What the job's work list holds (:func:`pipeline.execution.plan_work`)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageMeta:
+    """One input as prepared: ``status`` ``RUN`` (batches follow), or settled (``SKIPPED``/``FAILED``, with the
+    reason). Archive-level outcomes (unreadable archive, no images) and rejected members are settled metas
+    too, with the archive or member as ``ref`` and no group."""
+
+    ref: ImageRef
+    group: str = ""
+    status: Status = Status.RUN
     error_type: str | None = None
     error: str | None = None
     sha256: str | None = None
@@ -81,9 +129,61 @@ class ImageMeta:
     height: int | None = None
     mode: str | None = None
     scale: float = 1.0
-    tiles: list[Tile] = dataclasses.field(default_factory=list)
+    tiles: int = 0
+    whole: bool = False
     decode_s: float = 0.0
     started: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreparedBatch:
+    """``count`` batches of one image, this one the ``index``-th in plan order: its tiles and their raw
+    windows (n × h × w × 3, uint8/uint16, as decoded). ``count == 0``: a settled meta, nothing to infer.
+    Batches are cut per image in :func:`prepare_image`, so their composition (and every output byte) does
+    not depend on how many workers run. ``peak_rss``: the prepare process's peak when this was made."""
+
+    meta: ImageMeta
+    index: int = 0
+    count: int = 0
+    tiles: tuple[Tile, ...] = ()
+    windows: np.ndarray | None = None
+    peak_rss: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchResult:
+    """What :meth:`Predictor.run` reports for a batch whose cores are written: timings (``compute_start``/
+    ``compute_end`` wall clock, s), output pixels, where it ran, the process's peak RSS (bytes)."""
+
+    infer_s: float
+    write_s: float
+    infer_cpu_s: float
+    compute_start: float
+    compute_end: float
+    pixels: int
+    device: str
+    host: str
+    pid: int
+    peak_rss: int
+    node: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchRecord:
+    """The small record one predictor call returns to the driver for one :class:`PreparedBatch`:
+    ``result`` when its cores are written, ``error`` when it failed for good."""
+
+    meta: ImageMeta
+    index: int
+    count: int
+    result: BatchResult | None = None
+    error: str | None = None
+    prepare_peak_rss: int = 0
+
+
+def settled(ref: ImageRef, status: Status, error_type: str, error: str, *, group: str = "") -> ImageMeta:
+    """A meta with nothing left to do (skipped or failed), for ``ref``."""
+    return ImageMeta(ref=ref, group=group, status=status, error_type=error_type, error=error)
 
 
 def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any]:
@@ -120,8 +220,7 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
             "note": "RGB divided by the image's own maximum over all pixels and channels, as the authors do",
         },
         "inference": dataclasses.asdict(spec.inference),
-        "tiling": dataclasses.asdict(spec.tiling)
-        | {"tiles": len(meta.tiles), "whole_image": len(meta.tiles) == 1 and meta.tiles[0].whole},
+        "tiling": dataclasses.asdict(spec.tiling) | {"tiles": meta.tiles, "whole_image": meta.whole},
         "output": dataclasses.asdict(spec.output_options) | {"bands_nm": list(ctx.bands_nm)},
         "batch_size": spec.ray.batch_size,
         "job": {"name": spec.name, "run_id": ctx.run_id, "fingerprint": ctx.fingerprint},
@@ -132,73 +231,142 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
     }
 
 
-def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> Iterator[ImageMeta | np.ndarray]:
-    """Yield the image's :class:`ImageMeta`, then (status ``run``) each tile's raw window (h×w×3, uint8/16).
+def expand_item(ctx: JobContext, item: WorkItem) -> Iterator[ImageTask | ImageMeta]:
+    """The images of one work item, in archive order, and settled metas for what is not converted.
 
-    Reads the bytes (unless given), hashes them, skips the image when its group is complete with the same
-    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. Windows are
-    the raw decoded pixels; the predictor divides them by ``meta.scale`` (the whole image's maximum), so
-    tiles see exactly the whole image's preprocessing.
+    A plain image passes through. A tar or zip is listed (headers / central directory only); a ``.tar.gz``
+    is streamed once and each image member comes with its bytes. Rejected members become settled metas
+    (``skipped`` for a file that simply is not an image, ``failed`` otherwise); an archive that cannot be
+    read is one ``failed`` meta (after any members streamed before it broke off), one without images one
+    ``skipped`` meta.
     """
+    if isinstance(item, ImageTask):
+        yield item
+        return
+    archive = ImageRef(source=item.url, member=None, kind=item.kind)
+    rejected: list[Rejected] = []
+    images = 0
+    try:
+        if item.kind == "targz":
+            for ref, data in iter_targz(item.url, storage_options(ctx), on_rejected=rejected.append):
+                yield from map(_rejected, _drain(rejected))
+                images += 1
+                yield ImageTask(ref=ref, data=data)
+        else:
+            refs, rejected = list_members(item.url, item.kind, storage_options(ctx))
+            images = len(refs)
+            yield from (ImageTask(ref=r) for r in refs)
+    except InputError as exc:
+        yield from map(_rejected, _drain(rejected))
+        yield settled(archive, Status.FAILED, "ArchiveError", storage.describe_error(exc))
+        return
+    yield from map(_rejected, _drain(rejected))
+    if images == 0:
+        name = storage.redact(item.url)
+        yield settled(archive, Status.SKIPPED, "NoImages", f"{name}: archive contains no images")
+
+
+SKIP_REASONS = ("not an image extension",)
+"""A rejected archive entry with one of these reasons is ``skipped`` (not an error); any other fails."""
+
+
+def _drain(items: list[Rejected]) -> Iterator[Rejected]:
+    while items:
+        yield items.pop(0)
+
+
+def _rejected(rej: Rejected) -> ImageMeta:
+    status = Status.SKIPPED if rej.reason in SKIP_REASONS else Status.FAILED
+    return settled(rej.ref, status, "RejectedMember", f"{storage.redact(rej.ref.name)}: {rej.reason}")
+
+
+def prepare_image(ctx: JobContext, task: ImageTask) -> Iterator[PreparedBatch]:
+    """The image's batches (``spec.ray.batch_size`` tiles each, in plan order), or one settled batch.
+
+    Reads the bytes (unless the task carries them), hashes them, skips the image when its group is
+    complete with the same source hash and job fingerprint, decodes, plans the tiles and creates the
+    cube's metadata. Windows are the raw decoded pixels, cut from the decoder's buffer one batch at a time
+    (no whole-image array is made, and a consumer that stops pulling stops the cutting); the predictor
+    divides them by ``meta.scale`` (the whole image's maximum), so tiles see exactly the whole image's
+    preprocessing.
+    """
+    try:
+        meta, decoded, tiles = _prepare(ctx, task)
+    except InputError as exc:
+        group = cubes.group_path(task.ref.source, task.ref.member, task.ref.key)
+        meta = settled(task.ref, Status.FAILED, type(exc).__name__, storage.describe_error(exc), group=group)
+        yield PreparedBatch(meta=meta, peak_rss=peak_rss())
+        return
+    if decoded is None:
+        yield PreparedBatch(meta=meta, peak_rss=peak_rss())
+        return
+    size = ctx.spec.ray.batch_size
+    count = -(-len(tiles) // size)
+    for index in range(count):
+        chunk = tuple(tiles[index * size : (index + 1) * size])
+        windows = np.stack([extract_window(decoded, tile) for tile in chunk])
+        yield PreparedBatch(meta=meta, index=index, count=count, tiles=chunk, windows=windows, peak_rss=peak_rss())
+        del windows
+    del decoded
+
+
+def _prepare(ctx: JobContext, task: ImageTask) -> tuple[ImageMeta, Any, list[Tile]]:
+    """``(meta, decoded image, tiles)``; the decoded image is ``None`` when the image is skipped."""
     from pipeline.decode import decode_image
 
     t0 = time.perf_counter()
-    group = cubes.group_path(ref.source, ref.member, ref.key)
-    meta = ImageMeta(ref=ref, group=group, started=now_utc())
+    ref = task.ref
+    meta = ImageMeta(ref=ref, group=cubes.group_path(ref.source, ref.member, ref.key), started=now_utc())
     opts = storage_options(ctx)
-    try:
-        if data is None:
-            data = read_member(ref, opts)
-        meta.sha256 = hashlib.sha256(data).hexdigest()
-        meta.nbytes = len(data)
-        store = cubes.open_cubes(ctx.spec.output, opts)
-        attrs = cubes.read_status(store, group)
-        if attrs and attrs.get("complete") is True:
-            record = attrs.get(cubes.ATTR, {})
-            if (
-                record.get("source", {}).get("sha256") == meta.sha256
-                and record.get("job", {}).get("fingerprint") == ctx.fingerprint
-            ):
-                meta.status = "skipped"
-                meta.error = "already complete with the same source sha256 and job fingerprint"
-                meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
-                yield meta
-                return
-        decoded = decode_image(data, name=ref.name)
-        del data
-        meta.height, meta.width = decoded.height, decoded.width
-        meta.mode = decoded.mode
-        peak = float(decoded.max())
-        meta.scale = peak if peak > 0 else 1.0
-        t = ctx.spec.tiling
-        meta.tiles = plan_tiles(
-            meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo
+    data = task.data if task.data is not None else read_member(ref, opts)
+    meta = dataclasses.replace(meta, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+    store = cubes.open_cubes(ctx.spec.output, opts)
+    attrs = cubes.read_status(store, meta.group)
+    record = (attrs or {}).get(cubes.ATTR, {})
+    if (
+        attrs
+        and attrs.get("complete") is True
+        and record.get("source", {}).get("sha256") == meta.sha256
+        and record.get("job", {}).get("fingerprint") == ctx.fingerprint
+    ):
+        source = record["source"]
+        why = "already complete with the same source sha256 and job fingerprint"
+        done = dataclasses.replace(
+            meta, status=Status.SKIPPED, error=why, width=source.get("width"), height=source.get("height")
         )
-        record = (attrs or {}).get(cubes.ATTR, {})
-        # A retried or lineage-reconstructed prepare task of this same run (its tiles lost with a node)
-        # must not recreate the group: that would delete regions the actors already wrote.
-        same_run = (
-            record.get("job", {}).get("run_id") == ctx.run_id and record.get("source", {}).get("sha256") == meta.sha256
+        return done, None, []
+    decoded = decode_image(data, name=ref.name)
+    del data
+    peak = float(decoded.max())
+    t = ctx.spec.tiling
+    tiles = plan_tiles(
+        decoded.height, decoded.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo
+    )
+    meta = dataclasses.replace(
+        meta,
+        height=decoded.height,
+        width=decoded.width,
+        mode=decoded.mode,
+        scale=peak if peak > 0 else 1.0,
+        tiles=len(tiles),
+        whole=len(tiles) == 1 and tiles[0].whole,
+    )
+    # A retried or lineage-reconstructed prepare task of this same run (its windows lost with a node)
+    # must not recreate the group: that would delete regions the actors already wrote.
+    same_run = (
+        record.get("job", {}).get("run_id") == ctx.run_id and record.get("source", {}).get("sha256") == meta.sha256
+    )
+    if not same_run:
+        cubes.create_cube(
+            store,
+            meta.group,
+            height=decoded.height,
+            width=decoded.width,
+            bands_nm=ctx.bands_nm,
+            spec=ctx.spec.output_options,
+            provenance=_provenance(ctx, meta, decoded),
         )
-        if not same_run:
-            cubes.create_cube(
-                store,
-                group,
-                height=meta.height,
-                width=meta.width,
-                bands_nm=ctx.bands_nm,
-                spec=ctx.spec.output_options,
-                provenance=_provenance(ctx, meta, decoded),
-            )
-    except InputError as exc:
-        meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
-        yield meta
-        return
-    meta.decode_s = time.perf_counter() - t0
-    yield meta
-    for tile in meta.tiles:  # windows are cropped from the decoder's buffer: no whole-image array is made
-        yield extract_window(decoded, tile)
-    del decoded
+    return dataclasses.replace(meta, decode_s=time.perf_counter() - t0), decoded, tiles
 
 
 @functools.cache
@@ -275,7 +443,7 @@ class Predictor:
         self.ctx = ctx
         torch.set_num_threads(_torch_threads(num_cpus))
         self.device = select_device(device or ctx.spec.inference.device)
-        self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
+        self._heap_bounded = self.bounds_heap()
         if self._heap_bounded:
             bound_heap()  # not for CPU compute: see bound_heap
         self._batches, self._count_lock = 0, threading.Lock()
@@ -290,8 +458,15 @@ class Predictor:
         # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
         self._compute = threading.Lock()
 
-    def run(self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> dict[str, Any]:
-        """Run one batch (tiles of one image, in plan order) and write each core; returns timings.
+    def bounds_heap(self) -> bool:
+        """Whether this predictor fixes glibc's mmap threshold (:func:`bound_heap`): when its model does not
+        compute on the CPU. A stand-in without compute (``benchmarks/stand_in.py``) returns True."""
+        return bool(self.device.type != "cpu")
+
+    def run(
+        self, group: str, scale: float, tiles: Sequence[Tile], windows: Sequence[np.ndarray] | np.ndarray
+    ) -> BatchResult:
+        """Run one batch (tiles of one image, in plan order; windows h × w × 3 each) and write each core.
 
         Thread-safe: computes are serialised, the zarr writes of one call overlap the next call's compute.
         Returns only after this batch's writes finished.
@@ -312,27 +487,26 @@ class Predictor:
                 del outputs
                 release_free_memory()  # outside the compute lock: overlaps the next batch's compute
         t2 = time.perf_counter()
-        return {
-            "infer_s": t1 - t0,
-            "write_s": t2 - t1,
-            "infer_cpu_s": c1 - c0,
-            "compute_start": start,
-            "compute_end": start + (t1 - t0),
-            "pixels": int(sum(t.core_h * t.core_w for t in tiles)),
-            "device": self.device_name,
-            "host": host_info()["hostname"],
-            "pid": os.getpid(),
-            "peak_rss": peak_rss(),
-        }
+        return BatchResult(
+            infer_s=t1 - t0,
+            write_s=t2 - t1,
+            infer_cpu_s=c1 - c0,
+            compute_start=start,
+            compute_end=start + (t1 - t0),
+            pixels=int(sum(t.core_h * t.core_w for t in tiles)),
+            device=self.device_name,
+            host=host_info()["hostname"],
+            pid=os.getpid(),
+            peak_rss=peak_rss(),
+        )
 
-    def _compute_batch(self, scale: float, tiles: list[Tile], windows: list[np.ndarray]) -> list[np.ndarray]:
+    def _compute_batch(
+        self, scale: float, tiles: Sequence[Tile], windows: Sequence[np.ndarray] | np.ndarray
+    ) -> list[np.ndarray]:
         """Each tile's core of the model output, bands × core_h × core_w float32."""
         from drcr_model.inference import forward, reconstruct
 
         inf = self.ctx.spec.inference
-        if inf.stand_in_latency_s > 0:  # benchmark stand-in (config.InferenceSpec): no model, fixed latency
-            time.sleep(inf.stand_in_latency_s)
-            return [np.zeros((len(self.ctx.bands_nm), t.core_h, t.core_w), dtype=np.float32) for t in tiles]
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32
@@ -352,19 +526,18 @@ class Predictor:
         return outputs
 
 
-def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]) -> None:
-    """Write the completion marker, with the finish time, devices, workers and timings."""
+def finish_image(ctx: JobContext, meta: ImageMeta, results: Sequence[BatchResult]) -> None:
+    """Write the completion marker, with the finish time, devices, workers and timings. Called once every
+    batch of the image is written (:class:`pipeline.tracking.CompletionTracker`)."""
     store = cubes.open_cubes(ctx.spec.output, storage_options(ctx))
     extra = {
         "finished": now_utc(),
-        "device": sorted({r["device"] for r in results}),
-        "workers": sorted(
-            {f"{r['host']}:{r['pid']}" for r in results} | {f"node:{r['node']}" for r in results if r.get("node")}
-        ),
+        "device": sorted({r.device for r in results}),
+        "workers": sorted({f"{r.host}:{r.pid}" for r in results} | {f"node:{r.node}" for r in results if r.node}),
         "timings": {
             "decode_s": meta.decode_s,
-            "infer_s": float(sum(r["infer_s"] for r in results)),
-            "write_s": float(sum(r["write_s"] for r in results)),
+            "infer_s": float(sum(r.infer_s for r in results)),
+            "write_s": float(sum(r.write_s for r in results)),
         },
     }
     cubes.mark_complete(store, meta.group, extra)

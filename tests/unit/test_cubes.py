@@ -88,7 +88,7 @@ def _one_image_job(tmp_path):  # type: ignore[no-untyped-def]
     from drcr_model.weights import untrained_demo_weights
     from pipeline.config import JobSpec
     from pipeline.sources import ImageRef
-    from pipeline.work import JobContext
+    from pipeline.work import ImageTask, JobContext
 
     img = tmp_path / "a.png"
     buf = io.BytesIO()
@@ -96,7 +96,7 @@ def _one_image_job(tmp_path):  # type: ignore[no-untyped-def]
     img.write_bytes(buf.getvalue())
     spec = JobSpec(inputs=[str(img)], output=str(tmp_path / "out"))
     ctx = JobContext(spec=spec, weights=untrained_demo_weights(tmp_path / "w").to_record(), fingerprint="f", run_id="run-1")
-    ref = ImageRef(source=str(img), member=None, kind="file")
+    ref = ImageTask(ref=ImageRef(source=str(img), member=None, kind="file"))
     return spec, ctx, ref
 
 
@@ -105,7 +105,7 @@ def test_reexecuted_prepare_of_the_same_run_keeps_written_regions(tmp_path) -> N
     from pipeline.work import JobContext, prepare_image
 
     spec, ctx, ref = _one_image_job(tmp_path)
-    meta = next(prepare_image(ctx, ref))
+    meta = next(prepare_image(ctx, ref)).meta
     store = cubes.open_cubes(spec.output)
     cubes.write_region(store, meta.group, 0, 0, np.ones((31, 8, 8), np.float32))
     list(prepare_image(ctx, ref))  # the same run prepares the image again
@@ -125,7 +125,7 @@ def test_prepare_killed_inside_create_cube_is_redone_whole(tmp_path, monkeypatch
     filled and marked complete: the fault test's rare "cube differs in ['wavelength/c/0']".)"""
     import zarr
 
-    from pipeline.work import prepare_image
+    from pipeline.work import Status, prepare_image
 
     class Killed(BaseException):
         pass
@@ -148,8 +148,8 @@ def test_prepare_killed_inside_create_cube_is_redone_whole(tmp_path, monkeypatch
         m.setattr(zarr.Array, "__setitem__", dying_setitem)
         with pytest.raises(Killed):
             list(prepare_image(ctx, ref))
-    meta = next(prepare_image(ctx, ref))  # Ray's retry, same run
-    assert meta.status == "run"
+    meta = next(prepare_image(ctx, ref)).meta  # Ray's retry, same run
+    assert meta.status is Status.RUN
     store = cubes.open_cubes(spec.output)
     group = zarr.open_group(store, path=meta.group, mode="r")
     np.testing.assert_array_equal(group["wavelength"][:], np.asarray(ctx.bands_nm, np.float32))

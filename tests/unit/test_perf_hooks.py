@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,12 +21,19 @@ from pipeline.tiling import plan_tiles
 from pipeline.work import JobContext, Predictor, peak_rss
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from stand_in import StandInPredictor  # noqa: E402
 
 
-def test_stand_in_latency_is_validated() -> None:
-    assert InferenceSpec().stand_in_latency_s == 0.0
+def test_the_stand_in_is_not_a_spec_option() -> None:
+    """The benchmarks inject their stand-in model (benchmarks/stand_in.py); a job spec cannot turn it on."""
+    assert "stand_in_latency_s" not in {f.name for f in dataclasses.fields(InferenceSpec)}
     with pytest.raises(ConfigError, match="stand_in_latency_s"):
-        InferenceSpec(stand_in_latency_s=-1)
+        JobSpec.from_dict({"inputs": ["x"], "output": "o", "inference": {"stand_in_latency_s": 0.01}})
+
+
+def _predictor(ctx: JobContext, latency: float, **kw: Any) -> Predictor:
+    return StandInPredictor(ctx, latency_s=latency, **kw) if latency else Predictor(ctx, **kw)
 
 
 def test_peak_rss_is_bytes() -> None:
@@ -37,9 +46,9 @@ def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, stand_in: float
 
     monkeypatch.setattr(work, "bound_heap", lambda: None)  # it cannot be undone in this test process
     w = untrained_demo_weights(tmp_path / "w")
-    spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "out"), "inference": {"stand_in_latency_s": stand_in}, "output_options": {"chunk": 16}})
+    spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "out"), "output_options": {"chunk": 16}})
     ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
-    pred = Predictor(ctx, device="cpu")
+    pred = _predictor(ctx, stand_in, device="cpu")
     tiles = plan_tiles(64, 64, max_tile_pixels=16, tile_core=16, halo=8)
     cubes.create_cube(pred.store, "g", height=64, width=64, bands_nm=ctx.bands_nm, spec=spec.output_options, provenance={})
     windows = [np.full((t.height, t.width, 3), 100, np.uint8) for t in tiles]
@@ -51,7 +60,7 @@ def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, stand_in: float
     for t in threads:
         t.join()
     cube = zarr.open_array(pred.store, path="g/cube", mode="r")[:]
-    assert len(results) == len(batches) and all(r["peak_rss"] > 0 for r in results)
+    assert len(results) == len(batches) and all(r.peak_rss > 0 for r in results)
     assert not np.isnan(cube).any()  # every core written before each run() returned
     if stand_in:
         assert (cube == 0).all()
@@ -105,10 +114,10 @@ def test_cpu_predictor_trims_every_few_batches_and_others_bound_the_heap(tmp_pat
     window = np.zeros((16, 16, 3), np.uint8)
     for latency, expect in [(0.0, ["trim", "trim"]), (0.01, ["bound"])]:
         calls.clear()
-        spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / f"o{latency}"), "weights": {"path": w.url}, "inference": {"device": "cpu", "stand_in_latency_s": latency}, "tiling": {"tile_core": 8, "halo": 4}, "output_options": {"chunk": 8}})
+        spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / f"o{latency}"), "weights": {"path": w.url}, "inference": {"device": "cpu"}, "tiling": {"tile_core": 8, "halo": 4}, "output_options": {"chunk": 8}})
         ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
         cubes.create_cube(cubes.open_cubes(spec.output), "g", height=16, width=16, bands_nm=ctx.bands_nm, spec=spec.output_options, provenance={})
-        predictor = Predictor(ctx, num_cpus=1)
+        predictor = _predictor(ctx, latency, num_cpus=1)
         for _ in range(2 * work.TRIM_EVERY + 1):
             predictor.run("g", 255.0, tiles[:1], [window])
         assert calls == expect, latency
