@@ -2,10 +2,10 @@
 
 The dataset, stage by stage (every row is one pickled typed record from :mod:`pipeline.work`)::
 
-    plan_work (driver: expand the input URLs; the work list)
-      → expand   tasks      archives listed, a .tar.gz streamed once     ImageTask | settled ImageMeta
-      → prepare  tasks      read, hash, resume check, decode, tile,      PreparedBatch (one per image batch)
-                            create the cube, cut per-image batches
+    plan_work  driver      input URLs expanded; tar/zip listed in tasks  WorkPlan (ImageTask | .tar.gz, settled)
+      → prepare  tasks      a .tar.gz streamed once; per image: read,    PreparedBatch (one per image batch)
+                            hash, resume check, decode, tile, create
+                            the cube, cut per-image batches
       → predict  actor pool weights once; model; cores → zarr           BatchRecord (small)
       → driver   iterates the records; CompletionTracker settles each image; finish_image (in threads)
                  writes its marker; then the manifest — all inside one JobRun (try/finally).
@@ -27,7 +27,7 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,17 @@ from pipeline.work import (
     storage_options,
 )
 
-__all__ = ["RunSummary", "PoolPlan", "JobRun", "run_job", "init_ray", "resolve_weights", "plan_work", "plan_pool"]
+__all__ = [
+    "RunSummary",
+    "WorkPlan",
+    "PoolPlan",
+    "JobRun",
+    "run_job",
+    "init_ray",
+    "resolve_weights",
+    "plan_work",
+    "plan_pool",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +155,43 @@ def resolve_weights(spec: JobSpec) -> dict[str, Any]:
 # --- planning (driver, before the dataset starts) ----------------------------------------------------------
 
 
-def plan_work(spec: JobSpec, opts: dict[str, Any]) -> list[WorkItem]:
-    """The job's work list: the input URLs expanded (globs, prefixes) into images and archives, sorted.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkPlan:
+    """What a run will do, known before its dataset starts: ``work`` (plain images, tar/zip members, and
+    ``.tar.gz`` archives, whose members are found while streaming them) and ``settled`` (inputs decided
+    already: rejected members, unreadable or empty archives)."""
+
+    work: tuple[WorkItem, ...]
+    settled: tuple[ImageMeta, ...] = ()
+
+
+@ray.remote(num_cpus=0, max_retries=3)
+def _list_archive(ctx: JobContext, item: ArchiveTask) -> list[ImageTask | ImageMeta]:
+    return list(expand_item(ctx, item))
+
+
+def plan_work(ctx: JobContext) -> WorkPlan:
+    """The run's work: the input URLs expanded (globs, prefixes); tar and zip archives listed in parallel
+    Ray tasks (headers / central directory only); ``.tar.gz`` archives left whole, to be streamed once.
 
     The place to drop or reorder work before anything is read (a catalog that knows what is done, a lease):
-    every item left here is expanded, prepared and accounted for in the manifest."""
-    items: list[WorkItem] = []
-    for url, kind in expand_inputs(list(spec.inputs), opts):
+    every item left in ``work`` is prepared and accounted for in the manifest."""
+    opts = storage_options(ctx)
+    work: list[WorkItem] = []
+    listings = []
+    for url, kind in expand_inputs(list(ctx.spec.inputs), opts):
         if kind == "file":
-            items.append(ImageTask(ref=ImageRef(source=url, member=None, kind="file")))
+            work.append(ImageTask(ref=ImageRef(source=url, member=None, kind="file")))
+        elif kind == "targz":
+            work.append(ArchiveTask(url=url, kind=kind))
         else:
-            items.append(ArchiveTask(url=url, kind=kind))
-    log.info("planned %d inputs (%d archives)", len(items), sum(isinstance(i, ArchiveTask) for i in items))
-    return items
+            listings.append(_list_archive.remote(ctx, ArchiveTask(url=url, kind=kind)))
+    done: list[ImageMeta] = []
+    for listed in ray.get(listings):
+        work.extend(x for x in listed if isinstance(x, ImageTask))
+        done.extend(x for x in listed if isinstance(x, ImageMeta))
+    log.info("planned %d work items, %d inputs settled while listing", len(work), len(done))
+    return WorkPlan(work=tuple(work), settled=tuple(done))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -238,18 +272,15 @@ def _unpack(data: Any) -> Any:
     return pickle.loads(data)  # noqa: S301 - records this job's own workers made
 
 
-def _expand_rows(row: dict[str, Any], ctx: JobContext) -> Iterator[dict[str, Any]]:
-    for out in expand_item(ctx, _unpack(row["item"])):
-        yield {"item": _pack(out)}
-
-
 def _prepare_rows(row: dict[str, Any], ctx: JobContext) -> Iterator[dict[str, Any]]:
-    item = _unpack(row["item"])
-    if isinstance(item, ImageMeta):  # settled while expanding: passes on to the driver
-        yield {"batch": _pack(PreparedBatch(meta=item))}
-        return
-    for batch in prepare_image(ctx, item):
-        yield {"batch": _pack(batch)}
+    """A work item's prepared batches; a ``.tar.gz`` is streamed here, once, its members prepared in turn
+    (their bytes never leave this task)."""
+    for item in expand_item(ctx, _unpack(row["item"])):
+        if isinstance(item, ImageMeta):  # a rejected member, or the archive's own outcome
+            yield {"batch": _pack(PreparedBatch(meta=item))}
+            continue
+        for batch in prepare_image(ctx, item):
+            yield {"batch": _pack(batch)}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -300,27 +331,20 @@ class _Predict:
         return dataclasses.replace(base, result=dataclasses.replace(result, node=self.node))
 
 
-def _one_row_blocks(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """One row per block: an image (or one batch of windows) is the unit Ray Data schedules, so a
-    prepare task takes one image and an actor call one batch, and a failed call touches one batch."""
-    return ds.repartition(target_num_rows_per_block=1)
-
-
 def build_dataset(
-    ctx: JobContext, work: list[WorkItem], pool: PoolPlan, predictor: Callable[..., Predictor], attempts: Any
+    ctx: JobContext, work: Sequence[WorkItem], pool: PoolPlan, predictor: Callable[..., Predictor], attempts: Any
 ) -> ray.data.Dataset:
-    """The job's dataset: work items → expand → prepare → predict; rows of the result are packed records."""
+    """The job's dataset: work items → prepare → predict; its rows are packed :class:`BatchRecord` s."""
     r = ctx.spec.ray
-    # One item per block, so archives are expanded in parallel tasks.
+    # One work item per block: one image (or .tar.gz) per prepare task, so images decode in parallel.
     ds: ray.data.Dataset = ray.data.from_items(
         [{"item": _pack(w)} for w in work], override_num_blocks=max(1, len(work))
     )
-    # Listing reads headers and a .tar.gz stream gunzips: light next to decoding, so no CPU is reserved (and
-    # expand stays a stage of its own instead of fusing into prepare, which would decode a .tar.gz's
-    # members one after another in one task).
-    ds = _one_row_blocks(ds.flat_map(_expand_rows, fn_args=(ctx,), num_cpus=0))
-    prepare = ray.data.TaskPoolStrategy(size=r.max_images_in_flight)  # images decoded at once (memory bound)
-    ds = _one_row_blocks(ds.flat_map(_prepare_rows, fn_args=(ctx,), num_cpus=r.decode_num_cpus, compute=prepare))
+    # At most max_images_in_flight images are decoded at once (their decoded pixels are what prepare holds).
+    # Their batches leave in blocks of about BLOCK_BYTES, which Ray Data's backpressure holds back.
+    prepare = ray.data.TaskPoolStrategy(size=r.max_images_in_flight)
+    # Ray Data's hint for flat_map does not know fn_args.
+    ds = ds.flat_map(_prepare_rows, fn_args=(ctx,), num_cpus=r.decode_num_cpus, compute=prepare)  # type: ignore[arg-type]
     # overlap_writes: two calls per actor, the UDF running in both (Predictor serialises compute with a
     # lock): one call writes its cores to zarr while the next computes.
     calls = 2 if r.overlap_writes else 1
@@ -334,7 +358,9 @@ def build_dataset(
     return ds.map_batches(
         _Predict,
         fn_constructor_args=(ctx, pool.num_cpus, predictor, attempts),
-        batch_size=1,  # one PreparedBatch row: the batch of tiles was cut per image in prepare
+        # One PreparedBatch row per call: batches were cut per image in prepare, so what a call computes does
+        # not depend on how rows fall into blocks; an actor task takes a block of them.
+        batch_size=1,
         batch_format="numpy",
         compute=actors,
         num_cpus=pool.num_cpus,
@@ -393,11 +419,13 @@ class JobRun:
         self.attempts = _BatchAttempts.options(scheduling_strategy=affinity).remote()  # type: ignore[attr-defined]
         log.info("run %s started: output %s", self.ctx.run_id, storage.redact(self.ctx.spec.output))
 
-    def on_planned(self, work: list[WorkItem]) -> None:
-        """The work list is known: plain images count towards the progress total now, archives' members
-        as they are found."""
-        self.planned = {w.ref.key: w.ref for w in work if isinstance(w, ImageTask)}
+    def on_planned(self, plan: WorkPlan) -> None:
+        """The work list is known: its images count towards the progress total now (a .tar.gz's members as
+        they are found); inputs settled while listing are recorded."""
+        self.planned = {w.ref.key: w.ref for w in plan.work if isinstance(w, ImageTask)}
         self._progress("total", len(self.planned))
+        for meta in plan.settled:
+            self.on_image(ImageDone(meta=meta))
 
     def on_record(self, record: BatchRecord) -> None:
         done = self.tracker.add(record)
@@ -568,10 +596,10 @@ def run_job(
     pool = plan_pool(spec)
     with JobRun(ctx, opts, progress) as run:
         run.pool = pool
-        work = plan_work(spec, opts)
-        run.on_planned(work)
+        plan = plan_work(ctx)
+        run.on_planned(plan)
         _configure_data_context()
-        ds = build_dataset(ctx, work, pool, predictor, run.attempts)
+        ds = build_dataset(ctx, plan.work, pool, predictor, run.attempts)
         log.info(
             "pool: %d..%d actors, %g GPU and %g CPU each", pool.min_size, pool.max_size, pool.num_gpus, pool.num_cpus
         )

@@ -63,3 +63,19 @@ def test_fingerprint_changes_with_output_affecting_fields_only() -> None:
     assert spec.with_overrides({"inputs": ["b"]}).fingerprint("w") == fp
     assert spec.with_overrides({"tiling.halo": 16}).fingerprint("w") != fp
     assert spec.fingerprint("other-weights") != fp
+
+
+def test_actor_pool_size_from_actors_or_min_max() -> None:
+    from pipeline.config import RaySpec
+
+    assert RaySpec().pool_size == (1, 1)
+    assert RaySpec(actors=3).pool_size == (3, 3)  # the shorthand: a fixed pool
+    assert RaySpec(min_actors=1, max_actors=4).pool_size == (1, 4)
+    assert RaySpec(max_actors=4).pool_size == (1, 4)
+    assert RaySpec(actors=2, min_actors=3).pool_size == (3, 3)
+    with pytest.raises(ConfigError, match=r"ray\.max_actors = 1: must be 0 .* >= the pool's minimum \(2\)"):
+        RaySpec(min_actors=2, max_actors=1)
+    with pytest.raises(ConfigError, match=r"ray\.min_actors"):
+        RaySpec(min_actors=-1)
+    with pytest.raises(ConfigError, match=r"ray\.gpu_wait_s"):
+        RaySpec(gpu_wait_s=-1)
