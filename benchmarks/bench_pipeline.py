@@ -16,12 +16,11 @@ Parts:
   twice: whole job (includes actor start and weight loading), and steady state = MP ÷ the span from the
   first compute start to the last compute end, from timestamps the actor reports (``RunSummary.compute``);
   with the actor's busy fraction (compute ÷ that span) and its compute time per batch over the bare
-  model's. Run with ``ray.overlap_writes`` false/true and completion markers inline (before) / in driver
-  threads (after, ``pipeline.execution.FINISH_THREADS``).
+  model's. Run with ``ray.overlap_writes`` false/true.
 * ``memory`` — peak RSS of the driver, the prepare (decode/tile) task and the inference actor (which also
   writes the cube) for 1024², 4096², 8192² images, each size in a fresh process with a fresh Ray so the
   peaks (``ru_maxrss``, reported by the pipeline in ``RunSummary.peak_rss``) are that size's own.
-* ``scaling`` — a stand-in model (``inference.stand_in_latency_s``: sleeps per batch, writes zeros) on
+* ``scaling`` — a stand-in model (``benchmarks/stand_in.py``, injected: sleeps per batch, writes zeros) on
   1, 2, 4, 8 actors with fractional CPUs, ≥ 20 batches per actor; steady-state tiles/s (actors'
   timestamps, first compute start → last compute end) vs ideal ``actors × batch / latency``; medians of 3.
 """
@@ -163,10 +162,12 @@ class Env:
         self.server.close()
 
 
-def run(spec: Any) -> Any:
+def run(spec: Any, latency: float | None = None) -> Any:
+    """``run_job(spec)``; with ``latency`` the actors run the stand-in model (``stand_in.py``) instead."""
     from pipeline.execution import run_job
+    from stand_in import stand_in
 
-    summary = run_job(spec)
+    summary = run_job(spec) if latency is None else run_job(spec, predictor=stand_in(latency))
     if summary.failed or not summary.ok:
         raise RuntimeError(f"benchmark job failed: {summary.to_dict()}")
     return summary
@@ -207,19 +208,15 @@ def bare_model_mp_s(weights: str, spec: Any, image: np.ndarray, threads: int, re
 def part_efficiency(env: Env, args: argparse.Namespace) -> list[str]:
     import ray
 
-    from pipeline import execution
-
     cases = [
         # (label, config, image side, images)
         ("(a) compute-bound", args.compute_config, args.compute_size, args.compute_images),
         ("(b) default (tiny 16/1)", "tiny", args.small_size, args.small_images),
     ][: 2 if args.small else 1]
     variants = [
-        # (label, ray.overlap_writes, completion markers in driver threads)
-        ("before: markers inline, overlap off", False, 0),
-        ("before: markers inline, overlap on", True, 0),
-        ("after: markers in threads, overlap off", False, execution.FINISH_THREADS),
-        ("after: markers in threads, overlap on (default)", True, execution.FINISH_THREADS),
+        # (label, ray.overlap_writes)
+        ("overlap off", False),
+        ("overlap on (default)", True),
     ]
     if args.variants == "default":
         variants = variants[-1:]
@@ -227,7 +224,6 @@ def part_efficiency(env: Env, args: argparse.Namespace) -> list[str]:
         "| case | model | images | variant | bare model MP/s | job MP/s (whole job) | efficiency (whole job) | steady-state MP/s | efficiency (steady state) | actor busy fraction | actor compute ÷ bare compute | compute CPU ÷ wall | fixed cost per job s |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    threads_default = execution.FINISH_THREADS
     for label, config, side, n in cases:
         weights = write_weights(config, env.work)
         many = env.put_images(f"eff-{config}-{side}-n", [(side, side)] * n)
@@ -238,24 +234,20 @@ def part_efficiency(env: Env, args: argparse.Namespace) -> list[str]:
         # The bare model runs as a 1-CPU Ray task: same process kind, OMP settings and niceness as the actor.
         bare_task = ray.remote(num_cpus=1)(bare_model_mp_s)
         b = statistics.median(ray.get(bare_task.remote(weights, spec0, image, 1, 3)) for _ in range(args.reps))
-        for vlabel, overlap, threads in variants:
-            execution.FINISH_THREADS = threads
+        for vlabel, overlap in variants:
             ray_sec = base["ray"] | {"overlap_writes": overlap}
             whole, steady, busy, slow, fixed, oncpu = [], [], [], [], [], []
-            try:
-                for _ in range(args.reps):
-                    print(f"  … efficiency {config} {vlabel}", file=sys.stderr, flush=True)
-                    s = run(env.spec(many, weights, ray=ray_sec))
-                    c = s.compute
-                    whole.append(n * mp / s.elapsed_s)
-                    # steady state, from the actors' own timestamps: first compute start → last compute end
-                    steady.append(n * mp / c["span_s"])
-                    busy.append(c["busy_fraction"])
-                    slow.append((c["busy_s"] / n) / (mp / b))
-                    fixed.append(s.elapsed_s - c["span_s"])
-                    oncpu.append(c["cpu_s"] / c["busy_s"])
-            finally:
-                execution.FINISH_THREADS = threads_default
+            for _ in range(args.reps):
+                print(f"  … efficiency {config} {vlabel}", file=sys.stderr, flush=True)
+                s = run(env.spec(many, weights, ray=ray_sec))
+                c = s.compute
+                whole.append(n * mp / s.elapsed_s)
+                # steady state, from the actors' own timestamps: first compute start → last compute end
+                steady.append(n * mp / c["span_s"])
+                busy.append(c["busy_fraction"])
+                slow.append((c["busy_s"] / n) / (mp / b))
+                fixed.append(s.elapsed_s - c["span_s"])
+                oncpu.append(c["cpu_s"] / c["busy_s"])
             w, st = statistics.median(whole), statistics.median(steady)
             out.append(
                 f"| {label} | {config} {CONFIGS[config]['channels']}/{CONFIGS[config]['n_blocks']} | {n} × {side}² | {vlabel} | {b:.4f} | {w:.4f} | {w / b:.2f} | {st:.4f} | {st / b:.2f} | {statistics.median(busy):.2f} | {statistics.median(slow):.2f} | {statistics.median(oncpu):.2f} | {statistics.median(fixed):.1f} |"
@@ -285,14 +277,13 @@ def memory_child(args: argparse.Namespace) -> None:
     init_ray(num_cpus=2)
     spec = JobSpec.from_dict(env_info["spec"])
     before = peak_rss()
-    summary = run(spec)
+    summary = run(spec, env_info["latency"])
     print(json.dumps({"peak_rss": summary.peak_rss, "elapsed_s": summary.elapsed_s, "driver_before": before}))
 
 
 def part_memory(env: Env, args: argparse.Namespace) -> list[str]:
     config = args.memory_model
     weights = write_weights("tiny", env.work)
-    inference = {"stand_in_latency_s": 0.01} if config == "stand-in" else {}
     out = [
         "| image | ray.overlap_writes | decoded 8-bit MB | driver MB | prepare task MB | actor (model + writer) MB | prepare − decoded MB | job s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -302,11 +293,12 @@ def part_memory(env: Env, args: argparse.Namespace) -> list[str]:
         inputs = env.put_images(f"mem-{side}", [(side, side)])
         for overlap in args.memory_overlap:
             spec = env.spec(
-                inputs, weights, inference=inference,
+                inputs, weights,
                 tiling={"max_tile_pixels": 256 * 256, "tile_core": 256, "halo": 32},
                 ray={"actors": 1, "num_cpus_per_actor": 1, "decode_num_cpus": 1, "batch_size": 4, "max_images_in_flight": 1, "overlap_writes": overlap},
             )  # fmt: skip
-            child_env = os.environ | {"DRCR_BENCH_ENV": json.dumps({"spec": spec.to_dict()}), "PYTHONPATH": str(REPO)}
+            latency = 0.01 if config == "stand-in" else None
+            child_env = os.environ | {"DRCR_BENCH_ENV": json.dumps({"spec": spec.to_dict(), "latency": latency}), "PYTHONPATH": str(REPO)}
             proc = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True, env=child_env, check=False, timeout=1800)
             if proc.returncode != 0:
                 out.append(f"| {side}² | {overlap} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
@@ -343,7 +335,6 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
     for n in args.actors:
         cpu = 1.5 / max(n, 1) if n > 1 else 1.0
         sec = {
-            "inference": {"stand_in_latency_s": lat},
             "tiling": {"max_tile_pixels": 16, "tile_core": core, "halo": 0},
             "output_options": {"chunk": core},
             "ray": {"actors": n, "num_cpus_per_actor": cpu, "decode_num_cpus": 0.5 / 4, "batch_size": bs, "max_images_in_flight": max(4, n)},
@@ -356,7 +347,7 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
         for _ in range(args.reps):
             print(f"  … scaling {n} actors", file=sys.stderr, flush=True)
             b0, t0 = cpu_ticks()
-            s = run(env.spec(inputs, weights, **sec))
+            s = run(env.spec(inputs, weights, **sec), lat)
             b1, t1 = cpu_ticks()
             host.append((b1 - b0) / (t1 - t0) if t1 > t0 else float("nan"))
             c = s.compute
