@@ -164,8 +164,9 @@ class Env:
 
 def run(spec: Any, latency: float | None = None) -> Any:
     """``run_job(spec)``; with ``latency`` the actors run the stand-in model (``stand_in.py``) instead."""
-    from pipeline.execution import run_job
     from stand_in import stand_in
+
+    from pipeline.execution import run_job
 
     summary = run_job(spec) if latency is None else run_job(spec, predictor=stand_in(latency))
     if summary.failed or not summary.ok:

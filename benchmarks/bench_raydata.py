@@ -30,10 +30,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
-from bench_pipeline import Env, cpu_ticks, machine_line, run, write_weights  # noqa: E402
-
 import numpy as np  # noqa: E402
-
+from bench_pipeline import Env, cpu_ticks, machine_line, run, write_weights  # noqa: E402
 
 # --- the plain Ray Data pipeline -------------------------------------------------------------------------
 

@@ -342,7 +342,8 @@ def build_dataset(
     )
     # At most max_images_in_flight images are decoded at once (their decoded pixels are what prepare holds).
     # Their batches leave in blocks of about BLOCK_BYTES, which Ray Data's backpressure holds back.
-    prepare = ray.data.TaskPoolStrategy(size=r.max_images_in_flight)
+    # (Never more than there are items: Ray Data warns about a cap it cannot reach.)
+    prepare = ray.data.TaskPoolStrategy(size=max(1, min(r.max_images_in_flight, len(work))))
     # Ray Data's hint for flat_map does not know fn_args.
     ds = ds.flat_map(_prepare_rows, fn_args=(ctx,), num_cpus=r.decode_num_cpus, compute=prepare)  # type: ignore[arg-type]
     # overlap_writes: two calls per actor, the UDF running in both (Predictor serialises compute with a
@@ -598,12 +599,17 @@ def run_job(
         run.pool = pool
         plan = plan_work(ctx)
         run.on_planned(plan)
-        _configure_data_context()
-        ds = build_dataset(ctx, plan.work, pool, predictor, run.attempts)
-        log.info(
-            "pool: %d..%d actors, %g GPU and %g CPU each", pool.min_size, pool.max_size, pool.num_gpus, pool.num_cpus
-        )
-        for record in _records(ds):
-            run.on_record(record)
-        log.info("Ray Data stats:\n%s", ds.stats())
+        if plan.work:  # (an empty work list needs no dataset: everything was settled while listing)
+            _configure_data_context()
+            ds = build_dataset(ctx, plan.work, pool, predictor, run.attempts)
+            log.info(
+                "pool: %d..%d actors, %g GPU and %g CPU each",
+                pool.min_size,
+                pool.max_size,
+                pool.num_gpus,
+                pool.num_cpus,
+            )
+            for record in _records(ds):
+                run.on_record(record)
+            log.info("Ray Data stats:\n%s", ds.stats())
         return run.on_complete()

@@ -82,7 +82,7 @@ def test_gpu_actors_on_a_cluster_without_gpus_wait_then_fail_clearly(tmp_path, r
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1, err
     assert err[-1] == (
-        "drcr-pipeline: error: ray.num_gpus_per_actor = 1: the cluster has no GPU after waiting 2 s "
+        "drcr-pipeline: error: ConfigError: ray.num_gpus_per_actor = 1: the cluster has no GPU after waiting 2 s "
         "(ray.gpu_wait_s); add GPU nodes, raise ray.gpu_wait_s, or set ray.num_gpus_per_actor = 0 for CPU actors"
     ), err
     assert waited >= 2.0
