@@ -45,7 +45,7 @@ def stand_in(latency_s: float) -> Callable[..., Predictor]:
 
     This module is not importable on Ray's workers (``benchmarks/`` is not a package), so cloudpickle sends
     it by value."""
-    import cloudpickle
+    from ray import cloudpickle  # the copy Ray itself pickles functions with
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return functools.partial(StandInPredictor, latency_s=latency_s)

@@ -349,10 +349,17 @@ def build_dataset(
     # overlap_writes: two calls per actor, the UDF running in both (Predictor serialises compute with a
     # lock): one call writes its cores to zarr while the next computes.
     calls = 2 if r.overlap_writes else 1
+    in_flight = max(calls, r.max_batches_per_actor)
+    if pool.max_size > pool.min_size:
+        # Ray Data grows a pool once tasks in flight exceed 1.75 × what its actors run at once
+        # (DataContext.autoscaling_config.actor_pool_util_upscaling_threshold); with only `calls` queued per
+        # actor that never happens (measured: the pool did not grow onto a node that joined), so an elastic
+        # pool queues twice that.
+        in_flight = max(in_flight, 2 * calls)
     actors = ray.data.ActorPoolStrategy(
         min_size=pool.min_size,
         max_size=pool.max_size,
-        max_tasks_in_flight_per_actor=max(calls, r.max_batches_per_actor),
+        max_tasks_in_flight_per_actor=in_flight,
         max_concurrent_calls_per_actor=calls,
         enable_true_multi_threading=r.overlap_writes,
     )

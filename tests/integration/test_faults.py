@@ -145,7 +145,8 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     server = fault_bucket.server
     result = tmp_path / "result.json"
     params = {
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0,
+        # A 2-CPU head holds one actor (1 CPU) beside a decode task, so the second actor runs on the worker node.
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 2,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
@@ -181,7 +182,7 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
     result = tmp_path / "result.json"
     ray = {"actors": 1, "min_actors": 1, "max_actors": 2, "num_cpus_per_actor": 0.75, "decode_num_cpus": 0.25}
     params = {
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 2,
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 1,
         "head_cpus": 1, "worker_cpus": 1,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/grow", fault_bucket.weights, **ray),
     }  # fmt: skip
