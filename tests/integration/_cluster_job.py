@@ -142,7 +142,7 @@ def main() -> None:
     server.stop()
 
 
-def _wait_nodes(ray: object, n: int, timeout: float = 60.0) -> None:
+def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while len([x for x in ray.nodes() if x["Alive"]]) < n:  # type: ignore[attr-defined]
         if time.monotonic() > deadline:

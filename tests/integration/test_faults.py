@@ -199,7 +199,8 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
         f"\n[figures] node joins mid-job: {out['kill']}; {out['elapsed_s']:.1f} s; ok={s['ok']}; inference on nodes {len(s['nodes'])}; actors {s['compute'].get('actors')}"
     )
     assert out["kill"]["complete_before_join"] < fh.N_INPUTS  # the node joined while work was left
-    assert out["worker"] in s["nodes"] and out["head"] in s["nodes"], s  # the pool grew onto the new node
+    progress = [line for line in proc.stderr.splitlines() if "MapBatches(_Predict)" in line or "Actors:" in line]
+    assert out["worker"] in s["nodes"] and out["head"] in s["nodes"], (s, progress[-12:])  # it grew onto the node
     assert s["pool"]["min_size"] == 1 and s["pool"]["max_size"] == 2
     counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/grow", reference.ref)
     assert counts == {"ok": fh.N_INPUTS}
