@@ -315,7 +315,13 @@ class _Predict:
         if b.count == 0:
             return BatchRecord(meta=b.meta, index=0, count=0, prepare_peak_rss=b.peak_rss)
         key = f"{b.meta.group}#{b.index}"
-        attempt = ray.get(self.attempts.begin.remote(key))
+        try:
+            attempt = ray.get(self.attempts.begin.remote(key))
+        except ray.exceptions.RayError as exc:
+            # The counter is out of reach (seen when this actor's node was dying): count this attempt as
+            # unknown rather than let the error escape the UDF, which would stop the whole dataset.
+            log.warning("%s: attempt counter unavailable (%s); running the batch", b.meta.ref.name, exc)
+            attempt = 0
         base = BatchRecord(meta=b.meta, index=b.index, count=b.count, prepare_peak_rss=b.peak_rss)
         if attempt > MAX_BATCH_ATTEMPTS:
             why = f"batch {b.index} of {b.count} lost its actor {attempt - 1} times (each attempt killed the worker)"

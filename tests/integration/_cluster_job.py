@@ -9,7 +9,7 @@ thread waits until the worker node runs an inference batch, then kills the worke
 the namespace.
 
 With ``PARAMS["join"]`` the worker node is not there when the job starts: a thread starts it once the first
-cubes are complete (the elastic pool must grow onto it), and nothing is killed.
+actor runs a batch (the elastic pool must grow onto it), and nothing is killed.
 
 Usage: ``python _cluster_job.py PARAMS.json``; writes ``PARAMS["result"]`` (JSON).
 """
@@ -151,10 +151,10 @@ def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
 
 
 def _join_later(params: dict, start_worker: object, log: dict, stop: threading.Event) -> None:  # type: ignore[type-arg]
-    """Start the worker node once ``params["join"]`` cubes are complete (the job is well under way)."""
+    """Start the worker node once the job's first actor runs a batch (the job is under way)."""
     out = Path(params["s3_root"]) / params["spec"]["output"].removeprefix("s3://") / "cubes.zarr"
     t0 = time.perf_counter()
-    while not stop.is_set() and len(fh.complete_groups_local(out)) < params["join"]:
+    while not stop.is_set() and not fh.pids_with_title(fh.PREDICT_TITLE):  # the first actor is computing
         stop.wait(0.1)
     if stop.is_set():
         return
