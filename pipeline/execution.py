@@ -165,7 +165,8 @@ class WorkPlan:
     settled: tuple[ImageMeta, ...] = ()
 
 
-@ray.remote(num_cpus=0, max_retries=3)
+# One CPU each (as every task): 0-CPU tasks would all start at once, a worker process per archive.
+@ray.remote(max_retries=3)
 def _list_archive(ctx: JobContext, item: ArchiveTask) -> list[ImageTask | ImageMeta]:
     return list(expand_item(ctx, item))
 

@@ -154,7 +154,7 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
     # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
     proc = subprocess.run(
-        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180
+        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
