@@ -112,28 +112,12 @@ def _level_shape(height: int, width: int, k: int) -> tuple[int, int]:
     return -(-height // f), -(-width // f)
 
 
-def create_preview(group: zarr.Group, *, height: int, width: int, chunk: int) -> None:
-    """Create ``<group>/preview`` and its level arrays (filled with 0: black until written)."""
-    pv = group.create_group(PREVIEW, overwrite=True)
-    datasets: list[Any] = []
-    for k in range(LEVELS):
-        h, w = _level_shape(height, width, k)
-        c = max(1, chunk // 2**k)
-        pv.create_array(
-            str(k),
-            shape=(3, h, w),
-            chunks=(3, min(c, h), min(c, w)),
-            dtype="uint8",
-            fill_value=0,
-            compressors=[zarr.codecs.ZstdCodec(level=3)],
-            dimension_names=("rgb", f"y_{k}", f"x_{k}"),
-        )
-        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1, 2**k, 2**k]}]})
-    k = LEVELS - 1
+def _create_level(pv: zarr.Group, name: str, k: int, *, height: int, width: int, chunk: int) -> None:
+    """One uint8 RGB array of pyramid level ``k`` (``2**k`` times coarser than the cube)."""
     h, w = _level_shape(height, width, k)
     c = max(1, chunk // 2**k)
     pv.create_array(
-        "input",
+        name,
         shape=(3, h, w),
         chunks=(3, min(c, h), min(c, w)),
         dtype="uint8",
@@ -141,6 +125,16 @@ def create_preview(group: zarr.Group, *, height: int, width: int, chunk: int) ->
         compressors=[zarr.codecs.ZstdCodec(level=3)],
         dimension_names=("rgb", f"y_{k}", f"x_{k}"),
     )
+
+
+def create_preview(group: zarr.Group, *, height: int, width: int, chunk: int) -> None:
+    """Create ``<group>/preview`` and its level arrays (filled with 0: black until written)."""
+    pv = group.create_group(PREVIEW, overwrite=True)
+    datasets: list[Any] = []
+    for k in range(LEVELS):
+        _create_level(pv, str(k), k, height=height, width=width, chunk=chunk)
+        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1, 2**k, 2**k]}]})
+    _create_level(pv, "input", LEVELS - 1, height=height, width=width, chunk=chunk)
     pv.attrs.put(
         {
             "title": "sRGB rendering of the cube's spectra",
