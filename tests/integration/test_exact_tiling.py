@@ -22,16 +22,9 @@ SIZES = {"a.png": (100, 90), "b.png": (68, 136)}
 
 def _model_and_weights(tmp_path: Path) -> tuple[torch.nn.Module, str, str]:
     """A seeded tiny DRCR whose gates depend strongly on the statistics, saved as a state_dict."""
-    from drcr_model import DRCRNet
+    from fixtures.models import sensitive_model
 
-    torch.manual_seed(3)
-    model = DRCRNet(channels=16, n_blocks=2).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".fc." in name:
-                p.normal_(0.0, 5.0)
-            elif p.dim() == 4:
-                p.mul_(2.0)
+    model = sensitive_model()
     path = tmp_path / "sensitive.pt"
     torch.save(model.state_dict(), path)
     return model, str(path), sha256_of(path.read_bytes())

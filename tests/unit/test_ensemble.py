@@ -51,12 +51,13 @@ def test_ensemble_differs_for_an_ordinary_model() -> None:
 
 def test_ensemble_tiles_with_global_statistics_equal_the_whole_image_ensemble() -> None:
     """Each member sees a flipped image with its own block-input means; gathered per member, tiles stay exact."""
-    from test_recalibration import _image, _sensitive_model  # tests/unit is on sys.path (pytest prepend)
+    from fixtures.models import sensitive_model
+    from test_recalibration import _image  # tests/unit is on sys.path (pytest prepend)
 
     from pipeline.statistics import gather_statistics, windows_to_batch
     from pipeline.tiling import crop_core, extract_window, plan_tiles, stitch
 
-    model = _sensitive_model(2)
+    model = sensitive_model(2)
     img = _image(96, 88, seed=2)
     whole = reconstruct(img, model, mode="pad", ensemble=4).transpose(2, 0, 1)
     x = img.astype(np.float32) / np.float32(img.max())

@@ -5,26 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures.models import sensitive_model
 
 from drcr_model import DRCRNet, reconstruct
 from drcr_model.inference import forward
 from drcr_model.recalibration import GatherState, block_input_sums
 from pipeline.statistics import add_sums, gather_statistics, tile_sums, windows_to_batch
 from pipeline.tiling import crop_core, extract_window, plan_tiles, statistics_region, stitch
-
-
-def _sensitive_model(n_blocks: int = 2, channels: int = 16) -> DRCRNet:
-    """A seeded tiny DRCR whose gates depend strongly on the statistics (PyTorch's default init barely
-    lets them: per-tile statistics then miss by ~1e-6 of the peak, README "Exact tiling")."""
-    torch.manual_seed(3)
-    model = DRCRNet(channels=channels, n_blocks=n_blocks).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".fc." in name:
-                p.normal_(0.0, 5.0)
-            elif p.dim() == 4:
-                p.mul_(2.0)
-    return model
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -53,7 +40,7 @@ def _tiled(model: DRCRNet, img: np.ndarray, core: int, halo: int, statistics: st
 
 def test_supplied_own_means_equal_pooling() -> None:
     """``forward(x, means)`` with x's own block-input means is the plain forward (se2's mean = g1 · mean)."""
-    model = _sensitive_model()
+    model = sensitive_model()
     x = torch.rand(2, 3, 32, 24)
     sums = block_input_sums(model, x[:1], [(slice(0, 32), slice(0, 24))])
     with torch.no_grad():
@@ -68,7 +55,7 @@ def test_supplied_own_means_equal_pooling() -> None:
 )
 def test_global_statistics_tiling_equals_whole_image(h: int, w: int, core: int, halo: int, n_blocks: int) -> None:
     """Goal of issue 14: max |tiled − whole| ≤ 1e-3 × the cube's peak; per-tile statistics miss it."""
-    model = _sensitive_model(n_blocks)
+    model = sensitive_model(n_blocks)
     img = _image(h, w, seed=h * w)
     whole = reconstruct(img, model, mode="pad").transpose(2, 0, 1)
     peak = float(np.abs(whole).max())
@@ -92,7 +79,7 @@ def test_statistics_regions_partition_the_padded_image() -> None:
 
 def test_each_pass_makes_one_more_block_exact() -> None:
     """After pass p the first p means equal the whole image's (block 0's input needs no statistics)."""
-    model = _sensitive_model(3)
+    model = sensitive_model(3)
     img = _image(128, 128)
     x = img.astype(np.float32) / np.float32(img.max())
     xt = torch.from_numpy(x.transpose(2, 0, 1)[None].copy())
