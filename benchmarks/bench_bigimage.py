@@ -89,7 +89,7 @@ def timed(image: str, path: str) -> dict[str, float]:
     from pipeline.tiling import extract_window, plan_tiles
 
     spec = DecodeSpec(max_pixels=2_000_000_000, stream_pixels=0 if path == "stream" else 2**62)
-    t = TilingSpec()
+    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
     t0 = time.perf_counter()
     decoded = decode_encoded(fetch_encoded(ImageRef(image, None, "file"), None, None, spec), spec)
     decoded.max()
@@ -111,7 +111,7 @@ def compare(image: str) -> int:
     from pipeline.tiling import extract_window, plan_tiles
 
     data = Path(image).read_bytes()
-    t = TilingSpec()
+    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
 
     def decoded(stream_pixels: int):  # type: ignore[no-untyped-def]
         spec = DecodeSpec(max_pixels=2_000_000_000, stream_pixels=stream_pixels)

@@ -315,6 +315,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
     t_start = time.perf_counter()
     run_id = lease.run_id
     weights = resolve_weights(spec)
+    spec = spec.with_halo_for(weights["config"])  # before the fingerprint: it holds the halo the cubes used
     ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
     opts = storage_options(ctx)
     gpus = float(ray.cluster_resources().get("GPU", 0))
