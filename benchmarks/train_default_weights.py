@@ -1,17 +1,18 @@
 """Reproduce the default weights shipped in ``drcr_model/weights/`` (trained on synthetic scenes).
 
-    nice -n 10 python benchmarks/train_default_weights.py                  # both jobs, export + evaluate
+    nice -n 10 python benchmarks/train_default_weights.py                  # train, export + evaluate
     nice -n 10 python benchmarks/train_default_weights.py --stage train --resume   # continue a stopped run
     python benchmarks/train_default_weights.py --stage export              # reuse runs/default_weights/last.pth
     python benchmarks/train_default_weights.py --stage table               # README "Weights" table from default.json
+    nice -n 10 python benchmarks/train_default_weights.py --config jobs/default_weights_finetune.toml
 
-The default weights are two jobs run one after the other: ``jobs/default_weights_init.toml`` (the first
-shipped weights: MRAE loss, 900 iterations) and ``jobs/default_weights.toml``, which fine-tunes from the
-first job's ``last.pth`` (its ``init_weights``) with a fresh optimizer and lr schedule.
+A job whose ``init_weights`` is another job's ``last.pth`` (``jobs/default_weights_finetune.toml`` starts
+from ``jobs/default_weights.toml``, ``--init-config``) is trained after that job, with a fresh optimizer
+and lr schedule.
 
 Stages:
-1. ``init``: train the init job when the final job's ``init_weights`` names the init job's checkpoint.
-2. ``train``: train the final job in this process (CPU), a checkpoint every ``checkpoint_every``
+1. ``init``: train the ``--init-config`` job when ``--config``'s ``init_weights`` names its checkpoint.
+2. ``train``: train the ``--config`` job in this process (CPU), a checkpoint every ``checkpoint_every``
    iterations (``checkpoint_{iter:08d}.pth`` and ``last.pth``), stopping early if ``--max-minutes`` of wall
    time run out; the iteration reached is recorded and ``--resume`` continues from ``last.pth`` bit for bit.
 3. ``export``: write the bare state_dict to ``drcr_model/weights/default.pt``, evaluate it on held-out
@@ -171,7 +172,11 @@ def _init_job(config: TrainConfig, init_config: str) -> TrainConfig | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "jobs" / "default_weights.toml"))
-    p.add_argument("--init-config", default=str(REPO / "jobs" / "default_weights_init.toml"))
+    p.add_argument(
+        "--init-config",
+        default=str(REPO / "jobs" / "default_weights.toml"),
+        help="the job whose last.pth --config starts from",
+    )
     p.add_argument("--stage", choices=["all", "init", "train", "export", "table"], default="all")
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-time cap for the final job (0: none)")
     p.add_argument("--iterations", type=int, help="override the final job's iterations")

@@ -167,15 +167,19 @@ class TilingSpec:
             "must be 'tile' (each tile's own) or 'global' (the whole image's)",
         )
 
-    def with_halo_for(self, n_blocks: int) -> TilingSpec:
-        """This spec with ``halo`` set: as given, else what weights of ``n_blocks`` DRCR blocks need."""
+    def halo_for(self, n_blocks: int) -> int:
+        """The halo: as given, else what weights of ``n_blocks`` DRCR blocks need."""
         if self.halo is not None:
-            return self
+            return self.halo
         if self.statistics == "tile":  # no halo makes per-tile statistics exact; keep the window small
-            return dataclasses.replace(self, halo=TILE_STATISTICS_HALO)
+            return TILE_STATISTICS_HALO
         from drcr_model.net import receptive_radius  # here, not on top: reading a spec needs no torch
 
-        return dataclasses.replace(self, halo=-(-receptive_radius(n_blocks) // 4) * 4)
+        return -(-receptive_radius(n_blocks) // 4) * 4
+
+    def with_halo_for(self, n_blocks: int) -> TilingSpec:
+        """This spec with ``halo`` set (:meth:`halo_for`)."""
+        return dataclasses.replace(self, halo=self.halo_for(n_blocks))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

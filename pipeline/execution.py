@@ -28,7 +28,7 @@ import ray
 
 from pipeline import __version__, cubes, qa, storage
 from pipeline.catalog import merge, read_catalog, write_catalog
-from pipeline.config import JobSpec
+from pipeline.config import TILE_STATISTICS_HALO, JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.incremental import Planner, RunFacts, catalog_updates, unchanged_row
 from pipeline.lease import Lease, hold_lease
@@ -720,7 +720,8 @@ def tiles_ahead(spec: JobSpec) -> int:
     (decode overlaps inference); a big image's windows never sit in the object store all at once.
     """
     t = spec.tiling
-    window = (t.tile_core + 2 * t.halo) ** 2 * 3
+    halo = t.halo if t.halo is not None else TILE_STATISTICS_HALO  # run_job resolves it first; a sizing guess
+    window = (t.tile_core + 2 * halo) ** 2 * 3
     return (
         max(spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size, WINDOWS_AHEAD_BYTES // window) + 2
     )

@@ -94,7 +94,7 @@ def test_mixed_loss_adds_weighted_rmse_to_mrae() -> None:
 def test_config_toml_roundtrip_and_errors(tmp_path) -> None:
     c = _tiny_config(tmp_path)
     assert TrainConfig.from_dict(tomllib.loads(c.to_toml())) == c
-    for job in ("train_synthetic.toml", "default_weights_init.toml", "default_weights.toml"):
+    for job in ("train_synthetic.toml", "default_weights.toml", "default_weights_finetune.toml"):
         TrainConfig.from_toml(REPO / "jobs" / job)
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"learning_rate": 1})
