@@ -48,8 +48,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import decode
 from pipeline.config import DecodeSpec
-from pipeline.errors import DecodeError
-from pipeline.sources import ImageRef, read_member
+from pipeline.errors import ArchiveError, DecodeError, InputError
+from pipeline.sources import ImageRef, read_member, size_reason
 from pipeline.storage import open_fs
 
 __all__ = ["EncodedImage", "VipsRegions", "fetch_encoded", "decode_encoded", "pillow_limit"]
@@ -141,19 +141,26 @@ def fetch_encoded(
 
     Raises:
         DecodeError: the header declares more than ``spec.max_pixels`` pixels (nothing more is read).
+        ArchiveError: the file or member is larger than ``spec.max_member_bytes`` (nothing read).
         InputError: the input cannot be read.
     """
     if data is not None or ref.kind not in ("file", "tar"):
-        return _in_memory(ref, storage_options, data)
+        return _in_memory(ref, storage_options, data, spec)
     fs, path = open_fs(ref.source, storage_options)
     start = ref.offset or 0
-    size = ref.size if ref.kind == "tar" and ref.size is not None else int(fs.size(path))
+    try:
+        size = ref.size if ref.kind == "tar" and ref.size is not None else int(fs.size(path))
+    except FileNotFoundError as e:
+        raise InputError(f"{ref.name}: does not exist") from e
+    # One bound for every path (streamed ones too): their bytes are hashed and copied to local disk.
+    if (too_big := size_reason(size, spec.max_member_bytes)) is not None:
+        raise ArchiveError(f"{ref.name}: {too_big}")
     if size <= WHOLE_READ_BYTES:
-        return _in_memory(ref, storage_options, None)
+        return _in_memory(ref, storage_options, None, spec)
     with fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead") as f:
         plan = _plan_from(_Window(f, start, size), ref.name, spec)
         if plan is None:
-            return _in_memory(ref, storage_options, None)
+            return _in_memory(ref, storage_options, None, spec)
         local = ref.kind == "file" and "file" in _protocols(fs)
         tmp = None if local or plan.tiled else tempfile.TemporaryDirectory(prefix="drcr-encoded-")
         copy_to = None if tmp is None else os.path.join(tmp.name, "encoded")
@@ -166,9 +173,11 @@ def fetch_encoded(
     return encoded
 
 
-def _in_memory(ref: ImageRef, storage_options: Mapping[str, Any] | None, data: bytes | None) -> EncodedImage:
+def _in_memory(
+    ref: ImageRef, storage_options: Mapping[str, Any] | None, data: bytes | None, spec: DecodeSpec
+) -> EncodedImage:
     if data is None:
-        data = read_member(ref, storage_options)
+        data = read_member(ref, storage_options, max_bytes=spec.max_member_bytes)
     return EncodedImage(name=ref.name, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), data=data)
 
 
