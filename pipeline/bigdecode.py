@@ -27,7 +27,8 @@ YCbCr, bilevel, 32-bit ``I``, animated PNG, GIF, WebP, BMP, 16-bit RGB TIFF — 
 size, its memory growing with the image.
 
 libvips's operation cache is switched off in this process (``pyvips.cache_set_max(0)``): it would keep
-decoded regions of every window alive.
+decoded regions of every window alive. Its worker threads are set to ``VIPS_THREADS`` (1): each thread keeps
+its own strip buffers, as wide as the image, while the local tiled copy is written.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ SPILL_TILE = 64
 """Tile side of the local decoded copy. libvips keeps about two rows of tiles per open image, so its memory
 grows with tile side × image width: 64 kept a 1 GP prepare task's growth over its windows to ~7 MB, 256 to
 ~190 MB (benchmarks/bench_bigimage.py)."""
+VIPS_THREADS = 1
+"""libvips worker threads in a prepare task (``pyvips.concurrency_set``; 0: libvips's default, one per CPU).
+Every thread holds strip buffers as wide as the image while the local tiled copy is written: on 2 CPUs a
+32 000 px wide gigapixel JPEG's prepare peak is 427 MB with one thread, 446 MB with libvips's default, and
+its decode no slower (median of 3: 24.2 vs 25.4 s; the JPEG/PNG decode is sequential anyway). A prepare
+task reserves one CPU (``ray.decode_num_cpus``); more threads would run on CPUs reserved for other tasks.
+Measured by ``benchmarks/bench_bigimage.py`` (README "Big images")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +243,7 @@ class VipsRegions:
         import pyvips
 
         pyvips.cache_set_max(0)
+        pyvips.concurrency_set(VIPS_THREADS)  # process-wide; the task owns its process (see VIPS_THREADS)
         if plan.tiled and encoded.remote is not None:
             url, offset, size = encoded.remote
             fs, path = open_fs(url, encoded.storage_options)
