@@ -13,6 +13,7 @@ Three paths per size: Pillow, the streaming path as the pipeline runs it (one li
 ``bigdecode.VIPS_THREADS``) and the streaming path with libvips's default thread count (one per CPU), to show
 what the one thread costs and saves. Decode and window times are the median of ``--repeats`` runs (paths
 interleaved in each round, so load drift hits them alike); images over ``--repeat-max-mp`` are timed once.
+A second table gives the same work in CPU seconds (all threads of the process), which load changes less.
 The goal checked in the last columns (issue 16): the largest image's streaming peak ≤ 1.2 × the smallest
 image's peak on its default path (Pillow at 1 MP) + the window budget (32 MB).
 """
@@ -111,16 +112,21 @@ def timed(image: str, path: str) -> dict[str, float]:
     spec = DecodeSpec(max_pixels=2_000_000_000, stream_pixels=PATHS[path][0])
     _set_threads(path)
     t = TilingSpec()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     decoded = decode_encoded(fetch_encoded(ImageRef(image, None, "file"), None, None, spec), spec)
     decoded.max()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     tiles = plan_tiles(
         decoded.height, decoded.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo
     )
     for tile in tiles:
         extract_window(decoded, tile)
-    return {"decode_s": t1 - t0, "windows_s": time.perf_counter() - t1}
+    return {
+        "decode_s": t1 - t0,
+        "windows_s": time.perf_counter() - t1,
+        "decode_cpu_s": c1 - c0,  # every thread of the process: what the work costs, whatever the load
+        "windows_cpu_s": time.process_time() - c1,
+    }
 
 
 def compare(image: str) -> int:
@@ -170,7 +176,7 @@ def measure(image: Path, paths: list[str], repeats: int, env: dict[str, str], ro
         for path in paths:
             times[path].append(_run(["--timed", str(image), path], env))
     for path in paths:
-        for key in ("decode_s", "windows_s"):
+        for key in ("decode_s", "windows_s", "decode_cpu_s", "windows_cpu_s"):
             row[path][key] = _median([t[key] for t in times[path]])  # type: ignore[index]
     return row
 
@@ -257,6 +263,21 @@ def print_table(rows: list[dict[str, object]], load_before: float, load_after: f
             f"{f(pil, 'decode_s', True)} | {f(st, 'decode_s', True)} | {f(mt, 'decode_s', True)} | "
             f"{f(pil, 'windows_s', True)} | {f(st, 'windows_s', True)} | {r.get('max_diff', '—')} |"
         )
+    print()
+    print("CPU seconds per MP (user + sys of every thread of the process; less sensitive to load than wall time):")
+    print()
+    print(
+        "| image | decode, Pillow | decode, streaming | decode, streaming, libvips threads | windows, Pillow | "
+        "windows, streaming | windows, streaming, libvips threads |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [
+            f"{d[key] / d['mp']:.4f}" if (d := r.get(path)) else "—"  # type: ignore[index, operator]
+            for key in ("decode_cpu_s", "windows_cpu_s")
+            for path in PATHS
+        ]
+        print(f"| {r['mp']:.0f} MP | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
