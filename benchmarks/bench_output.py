@@ -82,23 +82,90 @@ def _stock_array(
     )
 
 
-def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..., None]]]:
-    """``(label, max error, create(store, path, shape), write(store, path, regions))`` per storage."""
+def _previous_encode(quant: Any, block: np.ndarray, chunk_shape: tuple[int, ...]) -> bytes:
+    """The encoder before issue 17's speed work, for comparison: whole-chunk numpy passes (the float32
+    scratch is 8 MB, out of cache) and blosc called from the writing thread (numcodecs then uses blosc's
+    own thread pool)."""
+    import numcodecs
+
+    from pipeline import cubes
+
+    shape = tuple(chunk_shape)
+    f, q, d, r = (np.empty(shape, np.float32), *(np.empty(shape, quant.dtype) for _ in range(3)))
+    _, h, w = block.shape
+    t = f[:, :h, :w]
+    np.multiply(block, np.float32(quant.scale), out=t)
+    bound = quant.limit * quant.scale
+    if not (float(t.min()) >= -bound and float(t.max()) <= bound):
+        cubes._check_range(quant, block, "bench")
+    np.rint(t, out=t)
+    np.copyto(q[:, :h, :w], t, casting="unsafe")
+    q[:, :h, w:] = q[:, :h, w - 1 : w]
+    q[:, h:, :] = q[:, h - 1 : h, :]
+    np.subtract(q[:, 1:, :], q[:, :-1, :], out=d[:, 1:, :])
+    np.subtract(q[:, 0, 1:], q[:, -1, :-1], out=d[:, 0, 1:])
+    np.subtract(q[1:, 0, 0], q[:-1, -1, -1], out=d[1:, 0, 0])
+    d[0, 0, 0] = q[0, 0, 0]
+    flat, out = d.reshape(-1), r.reshape(-1)
+    out[0] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=out[1:])
+    codec = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **cubes._BLOSC)
+    return bytes(codec.encode(r))
+
+
+def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..., None], Callable[..., Any] | None]]:
+    """``(label, max error, create(store, path, shape), write(store, path, regions), prepare)`` per storage;
+    ``prepare(store, path, regions)``, when there is one, runs before the timer and its result is what
+    ``write`` gets (the GPU path's device share)."""
     import zarr
     import zarr.codecs
     import zarr.codecs.numcodecs as nc
+    from zarr.core.sync import sync
 
     from drcr_model.weights import BANDS_NM
     from pipeline import cubes
     from pipeline.config import OutputSpec
 
-    def ours(max_error: float, threads: int = 1) -> tuple[Callable[..., None], Callable[..., None]]:
+    def create_for(max_error: float) -> Callable[..., None]:
         spec = OutputSpec(max_error=max_error, chunk=chunk)
 
         def create(store: Any, path: str, shape: tuple[int, ...]) -> None:
             cubes.create_cube(store, path, height=shape[1], width=shape[2], bands_nm=BANDS_NM, spec=spec, provenance={})
 
-        return create, lambda store, path, regions: cubes.write_regions(store, path, regions, threads=threads)
+        return create
+
+    def ours(max_error: float, threads: int = 1) -> tuple[Callable[..., None], Callable[..., None], None]:
+        return (
+            create_for(max_error),
+            lambda store, path, regions: cubes.write_regions(store, path, regions, threads=threads),
+            None,
+        )
+
+    def in_caller(encode: Callable[..., bytes]) -> Callable[..., None]:
+        def write(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
+            arr = cubes._open_cube(store, path)
+            quant = cubes.Quantiser.from_attributes(arr.attrs)
+            blobs = [(k, encode(quant, b, arr.chunks)) for k, b in cubes._chunk_blocks(arr, path, regions)]
+            sync(cubes._put(store, blobs))
+
+        return write
+
+    def device_share(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> list[Any]:
+        import torch
+
+        arr = cubes._open_cube(store, path)
+        quant = cubes.Quantiser.from_attributes(arr.attrs)
+        tensors = [(y, x, torch.from_numpy(np.ascontiguousarray(d))) for y, x, d in regions]
+        return list(cubes._device_residuals(arr, quant, path, tensors))
+
+    def host_share(store: Any, path: str, chunks: list[tuple[str, np.ndarray]]) -> None:
+        pool = cubes._encode_pool(1)
+        sync(cubes._put(store, list(pool.map(lambda kv: (kv[0], cubes.compress_residual(kv[1])), chunks))))
+
+    def torch_regions(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
+        import torch
+
+        cubes.write_regions(store, path, [(y, x, torch.from_numpy(np.ascontiguousarray(d))) for y, x, d in regions])
 
     def zarr_write(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
         arr = zarr.open_array(store, path=f"{path}/cube", mode="r+")
@@ -112,17 +179,40 @@ def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..
         nc.FixedScaleOffset(offset=0, scale=q.scale, dtype="<f4", astype="<i2"),
         nc.Delta(dtype="<i2"),
     ]
-    out = [
+    out: list[tuple[str, float, Callable[..., None], Callable[..., None], Callable[..., Any] | None]] = [
         ("float16 + blosc-zstd-3 (max_error = 0)", 0.0, *ours(0.0)),
         ("max_error 1e-4", 1e-4, *ours(1e-4)),
         ("max_error 5e-4 (default)", 5e-4, *ours(5e-4)),
-        ("max_error 5e-4, 2 encode threads", 5e-4, *ours(5e-4, threads=2)),
         ("max_error 1e-3", 1e-3, *ours(1e-3)),
+        ("5e-4, 2 encode threads", 5e-4, *ours(5e-4, threads=2)),
+        (
+            "5e-4, blosc in the caller's thread (blosc's own threads)",
+            5e-4,
+            create_for(5e-4),
+            in_caller(cubes.encode_chunk),
+            None,
+        ),
+        (
+            "5e-4, previous encoder (whole-chunk passes, blosc's threads)",
+            5e-4,
+            create_for(5e-4),
+            in_caller(_previous_encode),
+            None,
+        ),
+        ("5e-4, torch path on this CPU (device = host: all counted)", 5e-4, create_for(5e-4), torch_regions, None),
+        (
+            "5e-4, GPU path, host share (device's int16 → blosc → store)",
+            5e-4,
+            create_for(5e-4),
+            host_share,
+            device_share,
+        ),
         (
             "5e-4, Δ across bands + same blosc (zarr's encoder)",
             5e-4,
             lambda store, path, shape: _stock_array(store, path, shape, chunk, band_delta, "auto", [blosc]),
             zarr_write,
+            None,
         ),
     ]
     try:
@@ -137,9 +227,78 @@ def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..
             5e-4,
             lambda store, path, shape: _stock_array(store, path, shape, chunk, fso, pco, None),
             zarr_write,
+            None,
         )
     )
     return out
+
+
+COMPRESSORS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "blosc zstd-1 bitshuffle 1 MiB blocks (default)",
+        {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 20},
+    ),
+    ("blosc zstd-1 bitshuffle 256 KiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 18}),
+    ("blosc zstd-1 bitshuffle 2 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 21}),
+    ("blosc zstd-3 bitshuffle 1 MiB blocks", {"cname": "zstd", "clevel": 3, "shuffle": 2, "blocksize": 1 << 20}),
+    ("blosc zstd-1 byte shuffle 1 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": 1, "blocksize": 1 << 20}),
+    ("blosc lz4-1 bitshuffle", {"cname": "lz4", "clevel": 1, "shuffle": 2, "blocksize": 1 << 16}),
+    ("blosc lz4-5 bitshuffle", {"cname": "lz4", "clevel": 5, "shuffle": 2, "blocksize": 1 << 16}),
+    ("blosc lz4-1 byte shuffle", {"cname": "lz4", "clevel": 1, "shuffle": 1, "blocksize": 1 << 18}),
+    ("blosc lz4hc-1 bitshuffle", {"cname": "lz4hc", "clevel": 1, "shuffle": 2, "blocksize": 1 << 16}),
+    ("blosc blosclz-5 bitshuffle", {"cname": "blosclz", "clevel": 5, "shuffle": 2, "blocksize": 1 << 18}),
+    (
+        "blosc lz4-1 bitshuffle, then zstd -1",
+        {"cname": "lz4", "clevel": 1, "shuffle": 2, "blocksize": 1 << 16, "then": -1},
+    ),
+]
+"""Compressors of the same int16 residual chunks (stock codecs all: zarr's ``blosc`` and ``zstd``)."""
+
+
+def compressor_rows(data: dict[str, list[np.ndarray]], chunk: int, reps: int) -> list[str]:
+    """Per compressor: MB per MP and compress-only MP/s per core of the default's residual chunks (5e-4),
+    one thread (blosc's single-threaded context, as the encode pool calls it)."""
+    import concurrent.futures
+
+    import numcodecs
+
+    from pipeline import cubes, residuals
+
+    quant = cubes.Quantiser(max_error=5e-4)
+    chunks: dict[str, list[np.ndarray]] = {}
+    for kind, cubes_ in data.items():
+        shape = (cubes_[0].shape[0], chunk, chunk)
+        bufs = cubes._buffers(shape, quant.dtype)
+        chunks[kind] = [
+            residuals.chunk_residual(c[:, y : y + chunk, x : x + chunk], quant.scale, np.inf, bufs).copy()
+            for c in cubes_
+            for y in range(0, c.shape[1], chunk)
+            for x in range(0, c.shape[2], chunk)
+        ]
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # not the main thread: blosc's context call
+        for label, opts in COMPRESSORS:
+            opts = dict(opts)
+            then = opts.pop("then", None)
+            codec = numcodecs.Blosc(**opts)
+            second = numcodecs.Zstd(level=then) if then is not None else None
+
+            def encode(r: np.ndarray, codec: Any = codec, second: Any = second) -> bytes:
+                blob = codec.encode(r)
+                return second.encode(blob) if second is not None else blob
+
+            cells = []
+            for rs in chunks.values():
+                mp = len(rs) * chunk * chunk / 1e6
+                times = []
+                for _ in range(reps):
+                    c0 = time.process_time()
+                    blobs = list(pool.map(encode, rs))
+                    times.append(time.process_time() - c0)
+                cells.append(f"{sum(map(len, blobs)) / mp / 1e6:.2f} | {mp / statistics.median(times):.1f}")
+            rows.append(f"| {label} | {' | '.join(cells)} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 def du(path: Path) -> int:
@@ -150,6 +309,7 @@ def measure(
     label: str,
     create: Callable[..., None],
     write: Callable[..., None],
+    prepare: Callable[..., Any] | None,
     data: list[np.ndarray],
     core: int,
     reps: int,
@@ -173,6 +333,8 @@ def measure(
             ]
             for c in data
         ]
+        if prepare is not None:
+            batches = [prepare(store, f"c{i}", regions) for i, regions in enumerate(batches)]
         t0, c0 = time.perf_counter(), time.process_time()
         for i, regions in enumerate(batches):
             write(store, f"c{i}", regions)
@@ -207,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, scale_rows = [], []
     base: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="drcr-bench-out-") as tmp:
-        for label, bound, create, write in cases(args.chunk):
+        for label, bound, create, write, prepare in cases(args.chunk):
             res = {
-                kind: measure(label, create, write, cubes_, args.core, args.reps, tmp) for kind, cubes_ in data.items()
+                kind: measure(label, create, write, prepare, cubes_, args.core, args.reps, tmp)
+                for kind, cubes_ in data.items()
             }
             for kind, m in res.items():
                 base.setdefault(kind, m["mb_per_mp"])
@@ -223,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_rows.append(
                 f"| {label} | {mb:.1f} | {mb * GPU_MP_S:.0f} | {GPU_MP_S / speed:.1f} | {mb * PHOTO_MP:.0f} |"
             )
+    codec_rows = compressor_rows(data, args.chunk, args.reps)
     load1 = os.getloadavg()
     mp = args.count * args.size**2 / 1e6
     print(
@@ -238,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| storage | MB per MP | write MB/s per GPU | encode cores per GPU | TB per million photos |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print("\n".join(scale_rows))
+    print(
+        "\nCompressors of the same int16 residual chunks (5e-4, planar predictor), compress only, one thread; "
+        "scenes then photos\n"
+    )
+    print("| compressor | scenes MB per MP | scenes MP/s per core | photos MB per MP | photos MP/s per core |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n".join(codec_rows))
     return 0
 
 
