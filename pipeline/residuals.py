@@ -103,6 +103,15 @@ def region_residuals(
     """
     import torch
 
+    with torch.inference_mode():  # no autograd records; the model's output is an inference tensor anyway
+        return _region_residuals(region, scale, bound, chunk_shape, dtype)
+
+
+def _region_residuals(
+    region: torch.Tensor, scale: float, bound: float, chunk_shape: Sequence[int], dtype: str
+) -> torch.Tensor:
+    import torch
+
     nb, cy, cx = (int(s) for s in chunk_shape)
     t = region.to(torch.float32) * torch.tensor(scale, dtype=torch.float32, device=region.device)
     lo, hi = torch.aminmax(t)
