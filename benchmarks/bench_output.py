@@ -283,29 +283,33 @@ def compressor_rows(data: dict[str, list[np.ndarray]], chunk: int, reps: int) ->
             for y in range(0, c.shape[1], chunk)
             for x in range(0, c.shape[2], chunk)
         ]
-    rows = []
+    codecs = []
+    for label, opts in COMPRESSORS:
+        opts = dict(opts)
+        then = opts.pop("then", None)
+        codecs.append((label, numcodecs.Blosc(**opts), numcodecs.Zstd(level=then) if then is not None else None))
+
+    def encode(r: np.ndarray, codec: Any, second: Any) -> bytes:
+        blob = codec.encode(r)
+        return second.encode(blob) if second is not None else blob
+
+    times: dict[tuple[str, str], list[float]] = {}
+    sizes: dict[tuple[str, str], int] = {}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # not the main thread: blosc's context call
-        for label, opts in COMPRESSORS:
-            opts = dict(opts)
-            then = opts.pop("then", None)
-            codec = numcodecs.Blosc(**opts)
-            second = numcodecs.Zstd(level=then) if then is not None else None
-
-            def encode(r: np.ndarray, codec: Any = codec, second: Any = second) -> bytes:
-                blob = codec.encode(r)
-                return second.encode(blob) if second is not None else blob
-
-            cells = []
-            for rs in chunks.values():
-                mp = len(rs) * chunk * chunk / 1e6
-                times = []
-                for _ in range(reps):
+        for _ in range(reps):  # in turn across compressors, as measure_all
+            for label, codec, second in codecs:
+                for kind, rs in chunks.items():
                     c0 = time.process_time()
-                    blobs = list(pool.map(encode, rs))
-                    times.append(time.process_time() - c0)
-                cells.append(f"{sum(map(len, blobs)) / mp / 1e6:.2f} | {mp / statistics.median(times):.1f}")
-            rows.append(f"| {label} | {' | '.join(cells)} |")
-            print(rows[-1], file=sys.stderr, flush=True)
+                    blobs = list(pool.map(lambda r, c=codec, z=second: encode(r, c, z), rs))
+                    times.setdefault((label, kind), []).append(time.process_time() - c0)
+                    sizes[(label, kind)] = sum(map(len, blobs))
+    rows = []
+    for label, _, _ in codecs:
+        cells = []
+        for kind, rs in chunks.items():
+            mp = len(rs) * chunk * chunk / 1e6
+            cells.append(f"{sizes[(label, kind)] / mp / 1e6:.2f} | {mp / statistics.median(times[(label, kind)]):.1f}")
+        rows.append(f"| {label} | {' | '.join(cells)} |")
     return rows
 
 
@@ -313,53 +317,70 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
-def measure(
-    label: str,
+def measure_once(
+    root: Path,
     create: Callable[..., None],
     write: Callable[..., None],
     prepare: Callable[..., Any] | None,
     data: list[np.ndarray],
     core: int,
-    reps: int,
-    tmp: str,
+    check: bool,
 ) -> dict[str, float]:
+    """One write of ``data`` into a new store at ``root``: CPU and wall seconds, bytes stored, and (with
+    ``check``) the max error decoded by zarr."""
     import zarr
     import zarr.storage
 
-    mp = sum(c.shape[1] * c.shape[2] for c in data) / 1e6
-    cpu, wall, nbytes, err = [], [], 0, 0.0
-    for r in range(reps):
-        root = Path(tmp) / f"{abs(hash(label))}-{r}"
-        store = zarr.storage.LocalStore(root)
-        for i, c in enumerate(data):
-            create(store, f"c{i}", c.shape)
-        batches = [
-            [
-                (y, x, c[:, y : y + core, x : x + core])
-                for y in range(0, c.shape[1], core)
-                for x in range(0, c.shape[2], core)
-            ]
-            for c in data
+    store = zarr.storage.LocalStore(root)
+    for i, c in enumerate(data):
+        create(store, f"c{i}", c.shape)
+    batches = [
+        [
+            (y, x, c[:, y : y + core, x : x + core])
+            for y in range(0, c.shape[1], core)
+            for x in range(0, c.shape[2], core)
         ]
-        if prepare is not None:
-            batches = [prepare(store, f"c{i}", regions) for i, regions in enumerate(batches)]
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i, regions in enumerate(batches):
-            write(store, f"c{i}", regions)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        nbytes = du(root)
-        if r == 0:
-            err = max(
-                float(np.abs(zarr.open_array(store, path=f"c{i}/cube", mode="r")[:].astype(np.float32) - c).max())
-                for i, c in enumerate(data)
-            )
-    return {
-        "mb_per_mp": nbytes / mp / 1e6,
-        "mp_per_cpu_s": mp / statistics.median(cpu),
-        "wall_mp_s": mp / statistics.median(wall),
-        "err": err,
-    }
+        for c in data
+    ]
+    if prepare is not None:
+        batches = [prepare(store, f"c{i}", regions) for i, regions in enumerate(batches)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i, regions in enumerate(batches):
+        write(store, f"c{i}", regions)
+    out = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "bytes": float(du(root)), "err": 0.0}
+    if check:
+        out["err"] = max(
+            float(np.abs(zarr.open_array(store, path=f"c{i}/cube", mode="r")[:].astype(np.float32) - c).max())
+            for i, c in enumerate(data)
+        )
+    return out
+
+
+def measure_all(
+    storages: list[tuple[str, float, Callable[..., None], Callable[..., None], Callable[..., Any] | None]],
+    data: dict[str, list[np.ndarray]],
+    core: int,
+    reps: int,
+    tmp: str,
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (storage, kind): MB per MP, median MP per CPU second and per wall second, max error. The
+    repetitions go round all storages in turn, so a change of the machine's load hits every row alike."""
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for r in range(reps):
+        for n, (label, _, create, write, prepare) in enumerate(storages):
+            for kind, cubes_ in data.items():
+                m = measure_once(Path(tmp) / f"{n}-{kind}-{r}", create, write, prepare, cubes_, core, check=r == 0)
+                runs.setdefault((label, kind), []).append(m)
+    out = {}
+    for key, ms in runs.items():
+        mp = sum(c.shape[1] * c.shape[2] for c in data[key[1]]) / 1e6
+        out[key] = {
+            "mb_per_mp": ms[-1]["bytes"] / mp / 1e6,
+            "mp_per_cpu_s": mp / statistics.median(m["cpu"] for m in ms),
+            "wall_mp_s": mp / statistics.median(m["wall"] for m in ms),
+            "err": ms[0]["err"],
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,34 +396,36 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     data = {kind: model_cubes(kind, args.count, args.size) for kind in ("scenes", "photos")}
     rows, scale_rows = [], []
-    base: dict[str, float] = {}
+    storages = cases(args.chunk)
     with tempfile.TemporaryDirectory(prefix="drcr-bench-out-") as tmp:
-        for label, bound, create, write, prepare in cases(args.chunk):
-            res = {
-                kind: measure(label, create, write, prepare, cubes_, args.core, args.reps, tmp)
-                for kind, cubes_ in data.items()
-            }
-            for kind, m in res.items():
-                base.setdefault(kind, m["mb_per_mp"])
-                shown = "float16 rounding" if bound == 0 else f"{bound:g}"
-                rows.append(
-                    f"| {label} | {kind} | {shown} | {m['err']:.2e} | {m['mb_per_mp']:.2f} | {m['mb_per_mp'] / base[kind]:.2f} | {m['mp_per_cpu_s']:.2f} | {m['wall_mp_s']:.2f} |"
-                )
-                print(rows[-1], file=sys.stderr, flush=True)
-            mb = statistics.mean(m["mb_per_mp"] for m in res.values())
-            speed = statistics.mean(m["mp_per_cpu_s"] for m in res.values())
-            scale_rows.append(
-                f"| {label} | {mb:.1f} | {mb * GPU_MP_S:.0f} | {GPU_MP_S / speed:.1f} | {mb * PHOTO_MP:.0f} |"
+        res = measure_all(storages, data, args.core, args.reps, tmp)
+    default = next(label for label, *_ in storages if "(default)" in label)
+    for label, bound, *_ in storages:
+        for kind in data:
+            m, base, ref = res[(label, kind)], res[(storages[0][0], kind)], res[(default, kind)]
+            shown = "float16 rounding" if bound == 0 else f"{bound:g}"
+            rows.append(
+                f"| {label} | {kind} | {shown} | {m['err']:.2e} | {m['mb_per_mp']:.2f} | "
+                f"{m['mb_per_mp'] / base['mb_per_mp']:.2f} | {m['mp_per_cpu_s']:.2f} | "
+                f"{m['mp_per_cpu_s'] / ref['mp_per_cpu_s']:.2f} | {m['wall_mp_s']:.2f} |"
             )
+        mb = statistics.mean(res[(label, kind)]["mb_per_mp"] for kind in data)
+        speed = statistics.mean(res[(label, kind)]["mp_per_cpu_s"] for kind in data)
+        scale_rows.append(
+            f"| {label} | {mb:.1f} | {mb * GPU_MP_S:.0f} | {GPU_MP_S / speed:.1f} | {mb * PHOTO_MP:.0f} |"
+        )
     codec_rows = compressor_rows(data, args.chunk, args.reps)
     load1 = os.getloadavg()
     mp = args.count * args.size**2 / 1e6
     print(
-        f"Cube writes: {args.count} scenes + {args.count} photos ({mp:.2f} MP each kind), {args.size}² × 31 bands of default-weights output; chunks (31, {args.chunk}, {args.chunk}), {args.core}² cores, local zarr v3 store; median of {args.reps}"
+        f"Cube writes: {args.count} scenes + {args.count} photos ({mp:.2f} MP each kind), {args.size}² × 31 bands of default-weights output; chunks (31, {args.chunk}, {args.chunk}), {args.core}² cores, local zarr v3 store; median of {args.reps}, the repetitions taken in turn across all rows"
     )
     print(f"{cpu_name()}, {cpu_threads()} CPUs; load average {load0[0]:.2f} before, {load1[0]:.2f} after\n")
-    print("| storage | cubes | bound | max abs error | MB per MP | vs float16 | encode MP/s per core | wall MP/s |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| storage | cubes | bound | max abs error | MB per MP | vs float16 | encode MP/s per core "
+        "| speed vs default | wall MP/s |"
+    )
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
     print(
         f"\nAt scale, on paper: one GPU at {GPU_MP_S:g} MP/s, {PHOTO_MP:g} MP photos (means of the two kinds above)\n"
