@@ -16,8 +16,9 @@ straight to ``ds.to_netcdf()``: ``complete`` is an integer (0/1) and the provena
 With ``output_options.max_error`` > 0 (the default) the cube is error-bounded (:class:`Quantiser`):
 quantised to a step just under ``2 · max_error``, predicted from its upper and left neighbours in each
 band, and blosc-compressed, all as stock zarr v3 + numcodecs codecs, so readers need nothing of ours.
-This module encodes those chunks itself (vectorised numpy, a thread pool) and stores their bytes: about
-6x faster than zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
+This module encodes those chunks itself (:mod:`pipeline.residuals`: numpy on the host, or torch on the
+device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
+zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
 """
 
