@@ -16,8 +16,9 @@ straight to ``ds.to_netcdf()``: ``complete`` is an integer (0/1) and the provena
 With ``output_options.max_error`` > 0 (the default) the cube is error-bounded (:class:`Quantiser`):
 quantised to a step just under ``2 · max_error``, predicted from its upper and left neighbours in each
 band, and blosc-compressed, all as stock zarr v3 + numcodecs codecs, so readers need nothing of ours.
-This module encodes those chunks itself (vectorised numpy, a thread pool) and stores their bytes: about
-6x faster than zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
+This module encodes those chunks itself (:mod:`pipeline.residuals`: numpy on the host, or torch on the
+device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
+zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
 """
 
@@ -29,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import threading
 import unicodedata
@@ -46,7 +48,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline import preview, storage
+from pipeline import preview, residuals, storage
 from pipeline.config import OutputSpec
 from pipeline.errors import GroupCollisionError, InputError, PipelineError
 
@@ -267,31 +269,26 @@ _scratch = threading.local()
 
 
 def _buffers(shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's reusable chunk buffers (float32, and three of ``dtype``): fresh multi-MB arrays
-    would cost a page fault per 4 KiB on every chunk."""
+    """This thread's reusable chunk buffers (a float32 band slab, and ``q``, ``d``, ``r`` of ``dtype``,
+    :func:`pipeline.residuals.chunk_residual`): fresh multi-MB arrays would cost a page fault per 4 KiB
+    on every chunk."""
     key = (shape, dtype)
     if getattr(_scratch, "key", None) != key:
         _scratch.key = key
-        _scratch.bufs = (np.empty(shape, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
+        slab = (min(residuals._slab_bands(shape), shape[0]), *shape[1:])
+        _scratch.bufs = (np.empty(slab, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
     bufs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = _scratch.bufs
     return bufs
 
 
-def _planar_residual(q: np.ndarray, d: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """What the chunk's two deltas (:meth:`Quantiser.filters`) make of ``q`` (bands × h × w), wrapping;
-    ``d`` and ``r`` are scratch of ``q``'s shape and dtype, ``r`` is returned.
+_COMPRESSOR = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
+"""Called from the encode pool's threads only, so numcodecs takes blosc's single-threaded context
+call: blosc's own thread pool (numcodecs' choice in the main thread) costs more CPU per chunk."""
 
-    The y-delta runs over the flattened (band, x, y) order, so the first row of each column is taken
-    from the last row of the column before; the x-delta runs over the flattened (band, y, x) order.
-    """
-    np.subtract(q[:, 1:, :], q[:, :-1, :], out=d[:, 1:, :])
-    np.subtract(q[:, 0, 1:], q[:, -1, :-1], out=d[:, 0, 1:])
-    np.subtract(q[1:, 0, 0], q[:-1, -1, -1], out=d[1:, 0, 0])
-    d[0, 0, 0] = q[0, 0, 0]
-    flat, out = d.reshape(-1), r.reshape(-1)
-    out[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=out[1:])
-    return r
+
+def compress_residual(residual: np.ndarray) -> bytes:
+    """The stored bytes of a chunk's integers (:mod:`pipeline.residuals`): blosc zstd-1, bit shuffle."""
+    return bytes(_COMPRESSOR.encode(np.ascontiguousarray(residual)))
 
 
 def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int], where: str = "cube") -> bytes:
@@ -301,22 +298,14 @@ def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int]
     Raises:
         InputError: ``block`` has NaN/inf or values beyond ``quant.limit`` (``where`` names the cube).
     """
-    f, q, d, r = _buffers(tuple(chunk_shape), quant.dtype)
-    _, h, w = block.shape
-    t = f[:, :h, :w]
-    np.multiply(block, np.float32(quant.scale), out=t)
-    # The range test on x · scale (contiguous, in cache) rather than on x: float32 rounding can let
-    # |x| pass a relative 2⁻²⁴ beyond the limit, which the limit's 0.9 factor and its one-step
-    # distance from the integer type's end absorb. NaN fails the test.
-    bound = quant.limit * quant.scale
-    if not (float(t.min()) >= -bound and float(t.max()) <= bound):
+    bufs = _buffers(tuple(chunk_shape), quant.dtype)
+    try:
+        residual = residuals.chunk_residual(block, quant.scale, quant.limit * quant.scale, bufs)
+    except residuals.OutOfRange:
+        # |x| ≤ limit can round to |x · scale| a hair past the bound; the integer type's margin holds it.
         _check_range(quant, block, where)
-    np.rint(t, out=t)
-    np.copyto(q[:, :h, :w], t, casting="unsafe")  # exact: integers within the type (checked above)
-    q[:, :h, w:] = q[:, :h, w - 1 : w]
-    q[:, h:, :] = q[:, h - 1 : h, :]
-    codec = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
-    return bytes(codec.encode(_planar_residual(q, d, r)))
+        residual = residuals.chunk_residual(block, quant.scale, math.inf, bufs)
+    return compress_residual(residual)
 
 
 @functools.cache
@@ -324,26 +313,62 @@ def _encode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="drcr-encode")
 
 
+def _check_region(arr: Any, path: str, y0: int, x0: int, shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless the region covers whole chunks (or ends at the image border)."""
+    _, height, width = arr.shape
+    _, cy, cx = arr.chunks
+    bands, h, w = shape
+    if bands != arr.shape[0] or y0 % cy or x0 % cx or (h % cy and y0 + h != height) or (w % cx and x0 + w != width):
+        raise ValueError(f"{path}: region {tuple(shape)} at ({y0}, {x0}) does not cover whole chunks {arr.chunks}")
+
+
+def _chunk_key(arr: Any, path: str, y: int, x: int) -> str:
+    _, cy, cx = arr.chunks
+    return f"{path}/cube/{arr.metadata.encode_chunk_key((0, y // cy, x // cx))}"
+
+
 def _chunk_blocks(
     arr: Any, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``(store key, block)`` for every chunk the regions cover; each region must cover whole chunks."""
-    _, height, width = arr.shape
     _, cy, cx = arr.chunks
     for y0, x0, data in regions:
+        _check_region(arr, path, y0, x0, data.shape)
         _, h, w = data.shape
-        if (
-            data.shape[0] != arr.shape[0]
-            or y0 % cy
-            or x0 % cx
-            or (h % cy and y0 + h != height)
-            or (w % cx and x0 + w != width)
-        ):
-            raise ValueError(f"{path}: region {data.shape} at ({y0}, {x0}) does not cover whole chunks {arr.chunks}")
         for yy in range(0, h, cy):
             for xx in range(0, w, cx):
-                key = arr.metadata.encode_chunk_key((0, (y0 + yy) // cy, (x0 + xx) // cx))
-                yield f"{path}/cube/{key}", data[:, yy : yy + cy, xx : xx + cx]
+                yield _chunk_key(arr, path, y0 + yy, x0 + xx), data[:, yy : yy + cy, xx : xx + cx]
+
+
+def _device_residuals(
+    arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(store key, integers)`` for every chunk of regions held as torch tensors: quantised and predicted
+    on the tensors' device (:func:`pipeline.residuals.region_residuals`), one copy back per region, of
+    int16 (half the float32's bytes)."""
+    _, cy, cx = arr.chunks
+    for y0, x0, data in regions:
+        _check_region(arr, path, y0, x0, data.shape)
+        try:
+            res = residuals.region_residuals(data, quant.scale, quant.limit * quant.scale, arr.chunks, quant.dtype)
+        except residuals.OutOfRange:
+            host = data.float().cpu().numpy()
+            _check_range(quant, host, path)  # raises unless every |x| ≤ limit (then the host encodes it)
+            yield from _chunk_residuals(arr, quant, path, [(y0, x0, host)])
+            continue
+        chunks = res.cpu().numpy()
+        for iy in range(chunks.shape[0]):
+            for ix in range(chunks.shape[1]):
+                yield _chunk_key(arr, path, y0 + iy * cy, x0 + ix * cx), chunks[iy, ix]
+
+
+def _chunk_residuals(
+    arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    shape = tuple(arr.chunks)
+    for key, block in _chunk_blocks(arr, path, regions):
+        bufs = _buffers(shape, quant.dtype)
+        yield key, residuals.chunk_residual(block, quant.scale, math.inf, bufs).copy()
 
 
 async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
@@ -352,19 +377,22 @@ async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
 
 
 def _write_quantised(
-    store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, np.ndarray]], threads: int
+    store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]], threads: int
 ) -> None:
-    blocks = list(_chunk_blocks(arr, path, regions))
+    """Encode on ``threads`` pool threads (never the caller's: see :data:`_COMPRESSOR`), then store."""
+    pool = _encode_pool(max(1, threads))
+    host = [r for r in regions if isinstance(r[2], np.ndarray)]
+    device = [r for r in regions if not isinstance(r[2], np.ndarray)]
     shape = arr.chunks
 
     def encode(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
         return item[0], encode_chunk(quant, item[1], shape, where=path)
 
-    items = (
-        list(_encode_pool(threads).map(encode, blocks))
-        if threads > 1 and len(blocks) > 1
-        else [encode(b) for b in blocks]
-    )
+    def compress(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
+        return item[0], compress_residual(item[1])
+
+    items = list(pool.map(encode, _chunk_blocks(arr, path, host)))
+    items += pool.map(compress, _device_residuals(arr, quant, path, device))
     sync(_put(store, items))
 
 
@@ -480,10 +508,14 @@ def _open_cube(store: Store, path: str) -> Any:
         return zarr.open_array(store, path=f"{path}/cube", mode="r+")
 
 
-def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.ndarray]], *, threads: int = 1) -> None:
+def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, Any]], *, threads: int = 1) -> None:
     """:func:`write_region` for several ``(y0, x0, data)`` regions of one cube, opening the array once
     (one metadata read per batch instead of one per tile). An error-bounded cube's chunks are encoded on
     ``threads`` threads (the caller's CPUs) and stored concurrently.
+
+    ``data`` is a numpy array, or a torch tensor (bands × h × w, any device): an error-bounded cube's
+    tensor regions are quantised and predicted on their device and copied back as integers, so the host
+    only compresses them (the GPU path; the same bytes as from the numpy array).
 
     Raises:
         InputError: an error-bounded cube got NaN/inf or values beyond its range (nothing is written
@@ -495,6 +527,8 @@ def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.
         _write_quantised(store, arr, quant, path, regions, threads)
         return
     for y0, x0, data in regions:
+        if not isinstance(data, np.ndarray):
+            data = data.cpu().numpy()
         if data.dtype != arr.dtype:
             data = data.astype(arr.dtype)
         arr[:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
