@@ -19,6 +19,12 @@ band, and blosc-compressed, all as stock zarr v3 + numcodecs codecs, so readers 
 This module encodes those chunks itself (vectorised numpy, a thread pool) and stores their bytes: about
 6x faster than zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
+
+``output_options.layout = "sharded"`` stores the same chunks in zarr v3 ``sharding_indexed`` shards, one
+object per tile core (:func:`shard_shape`: the image when it runs whole): fewer, larger objects for object
+stores. A tile writes whole shards only, so regions still never share an object; error-bounded shards are
+assembled here (:func:`assemble_shard`: the encoded chunks, then their ``(offset, nbytes)`` index with its
+crc32c, as the spec lays it out) and read by stock zarr.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -47,7 +54,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline import preview, storage
-from pipeline.config import OutputSpec
+from pipeline.config import OutputSpec, TilingSpec
 from pipeline.errors import GroupCollisionError, InputError, PipelineError
 
 __all__ = [
@@ -67,6 +74,9 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "shard_shape",
+    "stored_objects",
+    "assemble_shard",
     "ForeignGroupError",
 ]
 
@@ -324,26 +334,94 @@ def _encode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="drcr-encode")
 
 
-def _chunk_blocks(
-    arr: Any, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(store key, block)`` for every chunk the regions cover; each region must cover whole chunks."""
+def shard_shape(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> tuple[int, int] | None:
+    """The spatial shape of the cube's shards (``None`` in the chunked layout): a tile core
+    (``tiling.tile_core``, a multiple of the chunk), or the whole image when it runs as one tile; both
+    rounded up to whole chunks and never past the image's last chunk."""
+    if spec.layout != "sharded":
+        return None
+    cy, cx = min(spec.chunk, height), min(spec.chunk, width)
+    full_y, full_x = -(-height // cy) * cy, -(-width // cx) * cx
+    if height * width <= tiling.max_tile_pixels:
+        return full_y, full_x
+    return min(tiling.tile_core, full_y), min(tiling.tile_core, full_x)
+
+
+def stored_objects(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> int:
+    """Objects under ``cube/c/`` of a complete cube: one per chunk, or one per shard in the sharded layout."""
+    if height < 1 or width < 1:
+        return 0
+    shard = shard_shape(height, width, spec, tiling)
+    sy, sx = shard if shard is not None else (min(spec.chunk, height), min(spec.chunk, width))
+    return -(-height // sy) * -(-width // sx)
+
+
+def _check_regions(arr: Any, path: str, regions: Sequence[tuple[int, int, np.ndarray]]) -> None:
+    """Each region must cover whole stored objects (chunks, or shards when sharded), or end at the image's
+    border: then no two writers ever share an object."""
     _, height, width = arr.shape
-    _, cy, cx = arr.chunks
+    _, oy, ox = arr.shards or arr.chunks
     for y0, x0, data in regions:
         _, h, w = data.shape
         if (
             data.shape[0] != arr.shape[0]
-            or y0 % cy
-            or x0 % cx
-            or (h % cy and y0 + h != height)
-            or (w % cx and x0 + w != width)
+            or y0 % oy
+            or x0 % ox
+            or (h % oy and y0 + h != height)
+            or (w % ox and x0 + w != width)
         ):
-            raise ValueError(f"{path}: region {data.shape} at ({y0}, {x0}) does not cover whole chunks {arr.chunks}")
+            kind = "shards" if arr.shards else "chunks"
+            raise ValueError(f"{path}: region {data.shape} at ({y0}, {x0}) does not cover whole {kind} {(oy, ox)}")
+
+
+def _chunk_blocks(
+    arr: Any, regions: Sequence[tuple[int, int, np.ndarray]]
+) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """``((chunk row, chunk column), block)`` for every chunk the regions cover (checked by
+    :func:`_check_regions`)."""
+    _, cy, cx = arr.chunks
+    for y0, x0, data in regions:
+        _, h, w = data.shape
         for yy in range(0, h, cy):
             for xx in range(0, w, cx):
-                key = arr.metadata.encode_chunk_key((0, (y0 + yy) // cy, (x0 + xx) // cx))
-                yield f"{path}/cube/{key}", data[:, yy : yy + cy, xx : xx + cx]
+                yield ((y0 + yy) // cy, (x0 + xx) // cx), data[:, yy : yy + cy, xx : xx + cx]
+
+
+_EMPTY = np.iinfo(np.uint64).max
+"""Offset and size of an absent chunk in a shard's index (zarr v3 ``sharding_indexed``)."""
+
+
+def assemble_shard(blobs: Sequence[Sequence[bytes | None]]) -> bytes:
+    """One ``sharding_indexed`` shard (``index_location = "end"``, index codecs ``bytes`` little-endian +
+    ``crc32c``) from its encoded inner chunks, ``blobs[row][column]`` (``None``: absent, e.g. past the image's
+    border): the chunks back to back, then the ``(offset, nbytes)`` uint64 pair of each chunk in C order, then
+    the index's crc32c as a little-endian uint32."""
+    rows, cols = len(blobs), len(blobs[0])
+    index = np.full((1, rows, cols, 2), _EMPTY, dtype="<u8")
+    parts, offset = [], 0
+    for j, row in enumerate(blobs):
+        for i, blob in enumerate(row):
+            if blob is None:
+                continue
+            index[0, j, i] = offset, len(blob)
+            parts.append(blob)
+            offset += len(blob)
+    raw = index.tobytes()
+    return b"".join([*parts, raw, np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()])
+
+
+def _objects(arr: Any, path: str, encoded: Mapping[tuple[int, int], bytes]) -> list[tuple[str, bytes]]:
+    """The store items of encoded chunks: one per chunk, or one shard per shard they fill."""
+    if not arr.shards:
+        return [(f"{path}/cube/{arr.metadata.encode_chunk_key((0, j, i))}", b) for (j, i), b in encoded.items()]
+    _, cy, cx = arr.chunks
+    _, sy, sx = arr.shards
+    ny, nx = sy // cy, sx // cx
+    out = []
+    for sj, si in sorted({(j // ny, i // nx) for j, i in encoded}):
+        blobs = [[encoded.get((sj * ny + j, si * nx + i)) for i in range(nx)] for j in range(ny)]
+        out.append((f"{path}/cube/{arr.metadata.encode_chunk_key((0, sj, si))}", assemble_shard(blobs)))
+    return out
 
 
 async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
@@ -354,18 +432,18 @@ async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
 def _write_quantised(
     store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, np.ndarray]], threads: int
 ) -> None:
-    blocks = list(_chunk_blocks(arr, path, regions))
+    blocks = list(_chunk_blocks(arr, regions))
     shape = arr.chunks
 
-    def encode(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
+    def encode(item: tuple[tuple[int, int], np.ndarray]) -> tuple[tuple[int, int], bytes]:
         return item[0], encode_chunk(quant, item[1], shape, where=path)
 
-    items = (
+    encoded = (
         list(_encode_pool(threads).map(encode, blocks))
         if threads > 1 and len(blocks) > 1
         else [encode(b) for b in blocks]
     )
-    sync(_put(store, items))
+    sync(_put(store, _objects(arr, path, dict(encoded))))
 
 
 def check_owner(attrs: Mapping[str, Any] | None, path: str, key: str) -> None:
@@ -410,11 +488,14 @@ def create_cube(
     bands_nm: Sequence[float],
     spec: OutputSpec,
     provenance: Mapping[str, Any],
+    tiling: TilingSpec | None = None,
 ) -> None:
     """Create (or recreate, dropping anything there) the group, its ``cube`` and ``wavelength`` arrays.
 
     ``complete`` is false until :func:`mark_complete`. Chunks are ``(bands, chunk, chunk)``: a pixel's
-    whole spectrum is in one chunk. The ``preview`` child group (:mod:`pipeline.preview`) is created too.
+    whole spectrum is in one chunk; in the sharded layout they are stored in shards of
+    :func:`shard_shape` (``tiling``: the job's, default :class:`TilingSpec`). The ``preview`` child group
+    (:mod:`pipeline.preview`) is created too.
 
     The provenance record (``ATTR``, with the run id) is written last, so a group that has it was created
     whole: a prepare task killed part-way through (its node died) leaves a group without it, and the retry
@@ -423,10 +504,12 @@ def create_cube(
     group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": 0})
     chunk = (len(bands_nm), min(spec.chunk, height), min(spec.chunk, width))
     quant = quantiser_for(spec)
+    shard = shard_shape(height, width, spec, tiling or TilingSpec())
     cube = group.create_array(
         "cube",
         shape=(len(bands_nm), height, width),
         chunks=chunk,
+        shards=(len(bands_nm), *shard) if shard else None,
         dtype="float32" if quant else spec.dtype,
         filters=quant.filters() if quant else None,
         compressors=codecs_for(spec),
@@ -469,7 +552,8 @@ def _decode(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:
     """Write ``data`` (bands × h × w float32) at rows ``y0..``, cols ``x0..`` of the group's ``cube``.
 
-    Regions must cover whole chunks (or end at the image border) so that no two writers share a chunk.
+    Regions must cover whole chunks, or whole shards in the sharded layout (or end at the image border),
+    so that no two writers share a stored object.
     """
     write_regions(store, path, [(y0, x0, data)])
 
@@ -490,6 +574,7 @@ def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.
             for the chunk; the cube is never marked complete).
     """
     arr = _open_cube(store, path)
+    _check_regions(arr, path, regions)
     quant = Quantiser.from_attributes(arr.attrs)
     if quant is not None:
         _write_quantised(store, arr, quant, path, regions, threads)

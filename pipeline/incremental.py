@@ -22,15 +22,14 @@ import collections
 import dataclasses
 import datetime as _dt
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import zarr
 
-from pipeline import cubes, storage
-from pipeline.catalog import CatalogRow
-from pipeline.config import OutputSpec
+from pipeline import cubes, qa, storage
+from pipeline.catalog import CatalogRow, qa_json
+from pipeline.config import OutputSpec, TilingSpec
 from pipeline.manifest import ManifestRow
 from pipeline.sources import ImageRef, normalize_url, version_of
 
@@ -55,9 +54,10 @@ UNCHANGED = "Unchanged"
 """``error_type`` of the manifest row of an input skipped without reading."""
 
 
-def expected_chunks(height: int, width: int, spec: OutputSpec) -> int:
-    """Chunk objects of a complete cube: one per ``chunk × chunk`` cell (a chunk holds every band)."""
-    return math.ceil(height / min(spec.chunk, height)) * math.ceil(width / min(spec.chunk, width))
+def expected_chunks(height: int, width: int, spec: OutputSpec, tiling: TilingSpec | None = None) -> int:
+    """Stored objects of a complete cube: one per ``chunk × chunk`` cell (a chunk holds every band), or in
+    the sharded layout one per shard (:func:`pipeline.cubes.stored_objects`; ``tiling``: the job's)."""
+    return cubes.stored_objects(height, width, spec, tiling or TilingSpec())
 
 
 def stat_sources(urls: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
@@ -204,6 +204,7 @@ class RunFacts:
     bands: int
     output_spec: OutputSpec
     when: _dt.datetime
+    tiling: TilingSpec = dataclasses.field(default_factory=TilingSpec)
 
 
 def catalog_updates(
@@ -270,13 +271,22 @@ def _new_row(
         package_version=facts.package_version,
         shape=(facts.bands, row.height, row.width),
         dtype=facts.output_spec.dtype,
-        chunks=expected_chunks(row.height, row.width, facts.output_spec),
+        chunks=expected_chunks(row.height, row.width, facts.output_spec, facts.tiling),
         run_id=prior.run_id if prior else facts.run_id,
         completed=prior.completed if prior else facts.when,
+        qa=_qa_of(row, prior),
         last_seen_run=facts.run_id,
         last_seen=facts.when,
         **member,
     )
+
+
+def _qa_of(row: ManifestRow, prior: CatalogRow | None) -> str | None:
+    """The catalog's ``qa`` of a cube: this run's ``qa_*`` columns, or the earlier run's for a cube found
+    complete (its manifest row has none)."""
+    if row.status == "ok":
+        return qa_json({col: getattr(row, col) for col in qa.MANIFEST_FIELDS})
+    return prior.qa if prior is not None else None
 
 
 def _absolute(url: str) -> str:
