@@ -5,8 +5,10 @@ For each image size, storage codec (``max_error`` 5e-4, the default, and 0: floa
 layouts write the same cube through the actors' write path: :func:`pipeline.cubes.create_cube` with the
 default tiling, then :func:`pipeline.cubes.write_regions` per batch of 4 tile cores (2 encode threads), as the
 actors do; an image of up to ``tiling.max_tile_pixels`` runs whole, as one region. Measured, medians of
-``--reps`` after a warm-up: stored objects and bytes of the cube, write MP/s (wall), the read of one 256² region (all bands:
-one chunk) and of the whole cube from a freshly opened array (stock zarr).
+``--reps`` (the layouts interleaved, after a warm-up): stored objects and bytes of the cube, write MP/s (wall) and MP per
+CPU second of this process (every thread; steadier than wall time on a loaded machine; the S3 server's own CPU is
+not in it), the read of one 256² region (all bands: one chunk) and of the whole cube from a freshly opened array
+(stock zarr).
 
 The cube is the default weights' output (fp32, CPU) for a 512² photo-like image (``pipeline.sample``),
 mirrored out to each size: real model statistics without running the model on megapixels.
@@ -107,10 +109,11 @@ def objects(url: str, group: str, options: dict[str, Any] | None) -> tuple[int, 
     return len(found), sum(int(i["size"]) for i in found.values())
 
 
-def timed(fn: Callable[..., Any], *args: Any) -> float:
-    t0 = time.perf_counter()
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, float]:
+    """(wall s, CPU s of this process, every thread) of ``fn(*args)``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def write(store: Any, batches: list[list[tuple[int, int, np.ndarray]]]) -> None:
@@ -120,7 +123,8 @@ def write(store: Any, batches: list[list[tuple[int, int, np.ndarray]]]) -> None:
         cubes.write_regions(store, "g", batch, threads=THREADS)
 
 
-def measure(store_kind: Any, data: np.ndarray, max_error: float, layout: str, reps: int) -> dict[str, float]:
+def once(store_kind: Any, data: np.ndarray, max_error: float, layout: str, tag: str) -> dict[str, float]:
+    """One write and the reads of one cube in ``layout``."""
     import zarr
 
     from pipeline import cubes
@@ -128,31 +132,41 @@ def measure(store_kind: Any, data: np.ndarray, max_error: float, layout: str, re
 
     spec = OutputSpec(max_error=max_error, layout=layout)
     _, h, w = data.shape
-    batches = regions(data)
-    writes, region_reads, whole_reads = [], [], []
-    n = size = 0
-    for rep in range(reps):
-        url = store_kind.url(f"{layout}-{max_error:g}-{h}x{w}-{rep}")
-        store = cubes.open_cubes(url, store_kind.options)
-        cubes.create_cube(
-            store, "g", height=h, width=w, bands_nm=range(400, 701, 10), spec=spec, provenance={}, tiling=TilingSpec()
-        )
-        writes.append(timed(write, store, batches))
-        n, size = objects(url, "g", store_kind.options)
-        assert n == cubes.stored_objects(h, w, spec, TilingSpec()), (n, layout)
-        y0, x0 = (h // 2) // 256 * 256, (w // 2) // 256 * 256
-        fresh = zarr.open_array(cubes.open_cubes(url, store_kind.options, read_only=True), path="g/cube", mode="r")
-        region_reads.append(timed(fresh.__getitem__, (slice(None), slice(y0, y0 + 256), slice(x0, x0 + 256))))
-        fresh = zarr.open_array(cubes.open_cubes(url, store_kind.options, read_only=True), path="g/cube", mode="r")
-        whole_reads.append(timed(fresh.__getitem__, slice(None)))
+    url = store_kind.url(f"{layout}-{max_error:g}-{h}x{w}-{tag}")
+    store = cubes.open_cubes(url, store_kind.options)
+    cubes.create_cube(
+        store, "g", height=h, width=w, bands_nm=range(400, 701, 10), spec=spec, provenance={}, tiling=TilingSpec()
+    )
+    wall, cpu = timed(write, store, regions(data))
+    n, size = objects(url, "g", store_kind.options)
+    assert n == cubes.stored_objects(h, w, spec, TilingSpec()), (n, layout)
+    y0, x0 = (h // 2) // 256 * 256, (w // 2) // 256 * 256
+    fresh = zarr.open_array(cubes.open_cubes(url, store_kind.options, read_only=True), path="g/cube", mode="r")
+    region, _ = timed(fresh.__getitem__, (slice(None), slice(y0, y0 + 256), slice(x0, x0 + 256)))
+    fresh = zarr.open_array(cubes.open_cubes(url, store_kind.options, read_only=True), path="g/cube", mode="r")
+    whole, _ = timed(fresh.__getitem__, slice(None))
     mp = h * w / 1e6
     return {
         "objects": n,
         "MB": size / 1e6,
-        "write": mp / statistics.median(writes),
-        "region_ms": 1e3 * statistics.median(region_reads),
-        "whole": mp / statistics.median(whole_reads),
+        "write": mp / wall,
+        "write_cpu": mp / cpu,
+        "region_ms": 1e3 * region,
+        "whole": mp / whole,
     }
+
+
+def measure(store_kind: Any, data: np.ndarray, max_error: float, reps: int) -> dict[str, dict[str, float]]:
+    """Both layouts, reps interleaved (chunked, sharded, chunked, …) so load changes hit both; medians."""
+    runs: dict[str, list[dict[str, float]]] = {"chunked": [], "sharded": []}
+    for rep in range(reps):
+        for layout, out in runs.items():
+            out.append(once(store_kind, data, max_error, layout, str(rep)))
+    return {lay: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for lay, rs in runs.items()}
+
+
+def _ratio(row: dict[str, float], base: dict[str, float], key: str) -> str:
+    return f" ({row[key] / base[key]:.2f}×)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = base_cube()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; reps {args.reps}; medians")
-    print("| store | image | max_error | layout | objects | MB | write MP/s | read 256² region ms | read whole MP/s |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| store | image | max_error | layout | objects | MB | write MP/s | write MP per CPU-s | "
+        "read 256² region ms | read whole MP/s |"
+    )
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory(prefix="bench-layout-") as tmp:
         stores = [Local(Path(tmp) / "local") if s == "local" else S3(Path(tmp) / "s3") for s in args.stores]
         try:
@@ -176,15 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 data = mirrored(base, h, w)
                 for st in stores:
                     for max_error in (5e-4, 0.0):
-                        rows = {}
-                        for lay in ("chunked", "sharded"):
-                            measure(st, base, max_error, lay, 1)  # warm-up (thread pool, codecs, connections)
-                            rows[lay] = measure(st, data, max_error, lay, args.reps)
+                        measure(st, base, max_error, 1)  # warm-up (thread pool, codecs, connections)
+                        rows = measure(st, data, max_error, args.reps)
                         for lay, r in rows.items():
-                            ratio = "" if lay == "chunked" else f" ({r['write'] / rows['chunked']['write']:.2f}×)"
+                            ratio = {k: _ratio(r, rows["chunked"], k) if lay == "sharded" else "" for k in r}
                             print(
-                                f"| {st.name} | {h}×{w} | {max_error:g} | {lay} | {r['objects']} | {r['MB']:.1f} | "
-                                f"{r['write']:.1f}{ratio} | {r['region_ms']:.1f} | {r['whole']:.1f} |",
+                                f"| {st.name} | {h}×{w} | {max_error:g} | {lay} | {r['objects']:.0f} | {r['MB']:.1f} | "
+                                f"{r['write']:.1f}{ratio['write']} | {r['write_cpu']:.1f}{ratio['write_cpu']} | "
+                                f"{r['region_ms']:.1f} | {r['whole']:.1f}{ratio['whole']} |",
                                 flush=True,
                             )
                 del data

@@ -9,8 +9,8 @@ A rerun must not read an archive it has converted before. The plan, in order of 
 3. :func:`plan_refs`: members of the other archives (tar/zip headers: size + mtime / CRC-32) and loose files
    are matched by identity (:attr:`pipeline.sources.ImageRef.key`) against the catalog; only those new or
    changed are read and hashed;
-4. :class:`ChunkCounts`: every skip is checked cheaply: the chunk objects listed under the cube (one
-   recursive listing of the store) must number what the completion marker recorded; a cube with fewer is
+4. :class:`ChunkCounts`: every skip is checked cheaply: the chunk objects (shards in the sharded layout)
+   listed under the cube (one recursive listing of the store) must number what the completion marker recorded; a cube with fewer is
    marked incomplete (:func:`invalidate`) and redone.
 
 Then :func:`catalog_updates` turns the run's outcomes into catalog rows (:mod:`pipeline.catalog`).
@@ -135,7 +135,8 @@ def plan_refs(refs: Iterable[ImageRef], catalog: Mapping[str, CatalogRow], finge
 
 
 class ChunkCounts:
-    """Chunk objects per group under ``<output>/cubes.zarr``, from one recursive listing made on first use."""
+    """Chunk objects (chunks, or shards in the sharded layout: both are keys under ``cube/c/``) per group under
+    ``<output>/cubes.zarr``, from one recursive listing made on first use."""
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.root = storage.join(output, cubes.CUBES_DIR)
