@@ -20,6 +20,12 @@ This module encodes those chunks itself (:mod:`pipeline.residuals`: numpy on the
 device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
 zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
+
+``output_options.layout = "sharded"`` stores the same chunks in zarr v3 ``sharding_indexed`` shards, one
+object per tile core (:func:`shard_shape`: the image when it runs whole): fewer, larger objects for object
+stores. A tile writes whole shards only, so regions still never share an object; error-bounded shards are
+assembled here (:func:`assemble_shard`: the encoded chunks, then their ``(offset, nbytes)`` index with its
+crc32c, as the spec lays it out) and read by stock zarr.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -49,7 +56,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline import preview, residuals, storage
-from pipeline.config import OutputSpec
+from pipeline.config import OutputSpec, TilingSpec
 from pipeline.errors import GroupCollisionError, InputError, PipelineError
 
 __all__ = [
@@ -69,6 +76,9 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "shard_shape",
+    "stored_objects",
+    "assemble_shard",
     "ForeignGroupError",
 ]
 
@@ -313,62 +323,121 @@ def _encode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="drcr-encode")
 
 
-def _check_region(arr: Any, path: str, y0: int, x0: int, shape: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless the region covers whole chunks (or ends at the image border)."""
+def shard_shape(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> tuple[int, int] | None:
+    """The spatial shape of the cube's shards (``None`` in the chunked layout): a tile core
+    (``tiling.tile_core``, a multiple of the chunk), or the whole image when it runs as one tile; both
+    rounded up to whole chunks and never past the image's last chunk."""
+    if spec.layout != "sharded":
+        return None
+    cy, cx = min(spec.chunk, height), min(spec.chunk, width)
+    full_y, full_x = -(-height // cy) * cy, -(-width // cx) * cx
+    if height * width <= tiling.max_tile_pixels:
+        return full_y, full_x
+    return min(tiling.tile_core, full_y), min(tiling.tile_core, full_x)
+
+
+def stored_objects(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> int:
+    """Objects under ``cube/c/`` of a complete cube: one per chunk, or one per shard in the sharded layout."""
+    if height < 1 or width < 1:
+        return 0
+    shard = shard_shape(height, width, spec, tiling)
+    sy, sx = shard if shard is not None else (min(spec.chunk, height), min(spec.chunk, width))
+    return -(-height // sy) * -(-width // sx)
+
+
+def _check_regions(arr: Any, path: str, regions: Sequence[tuple[int, int, Any]]) -> None:
+    """Each region must cover whole stored objects (chunks, or shards when sharded), or end at the image's
+    border: then no two writers ever share an object."""
     _, height, width = arr.shape
-    _, cy, cx = arr.chunks
-    bands, h, w = shape
-    if bands != arr.shape[0] or y0 % cy or x0 % cx or (h % cy and y0 + h != height) or (w % cx and x0 + w != width):
-        raise ValueError(f"{path}: region {tuple(shape)} at ({y0}, {x0}) does not cover whole chunks {arr.chunks}")
+    _, oy, ox = arr.shards or arr.chunks
+    for y0, x0, data in regions:
+        bands, h, w = data.shape
+        if bands != arr.shape[0] or y0 % oy or x0 % ox or (h % oy and y0 + h != height) or (w % ox and x0 + w != width):
+            kind = "shards" if arr.shards else "chunks"
+            raise ValueError(
+                f"{path}: region {tuple(data.shape)} at ({y0}, {x0}) does not cover whole {kind} {(oy, ox)}"
+            )
 
 
-def _chunk_key(arr: Any, path: str, y: int, x: int) -> str:
-    _, cy, cx = arr.chunks
-    return f"{path}/cube/{arr.metadata.encode_chunk_key((0, y // cy, x // cx))}"
+ChunkIndex = tuple[int, int]
+"""A chunk's (row, column) in the cube's chunk grid."""
 
 
-def _chunk_blocks(
-    arr: Any, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(store key, block)`` for every chunk the regions cover; each region must cover whole chunks."""
+def _chunk_blocks(arr: Any, regions: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
+    """``(chunk index, block)`` for every chunk the regions cover (checked by :func:`_check_regions`)."""
     _, cy, cx = arr.chunks
     for y0, x0, data in regions:
-        _check_region(arr, path, y0, x0, data.shape)
         _, h, w = data.shape
         for yy in range(0, h, cy):
             for xx in range(0, w, cx):
-                yield _chunk_key(arr, path, y0 + yy, x0 + xx), data[:, yy : yy + cy, xx : xx + cx]
+                yield ((y0 + yy) // cy, (x0 + xx) // cx), data[:, yy : yy + cy, xx : xx + cx]
 
 
 def _device_residuals(
     arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]]
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(store key, integers)`` for every chunk of regions held as torch tensors: quantised and predicted
+) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
+    """``(chunk index, integers)`` for every chunk of regions held as torch tensors: quantised and predicted
     on the tensors' device (:func:`pipeline.residuals.region_residuals`), one copy back per region, of
     int16 (half the float32's bytes)."""
     _, cy, cx = arr.chunks
     for y0, x0, data in regions:
-        _check_region(arr, path, y0, x0, data.shape)
         try:
             res = residuals.region_residuals(data, quant.scale, quant.limit * quant.scale, arr.chunks, quant.dtype)
         except residuals.OutOfRange:
             host = data.float().cpu().numpy()
             _check_range(quant, host, path)  # raises unless every |x| ≤ limit (then the host encodes it)
-            yield from _chunk_residuals(arr, quant, path, [(y0, x0, host)])
+            yield from _chunk_residuals(arr, quant, [(y0, x0, host)])
             continue
         chunks = res.cpu().numpy()
         for iy in range(chunks.shape[0]):
             for ix in range(chunks.shape[1]):
-                yield _chunk_key(arr, path, y0 + iy * cy, x0 + ix * cx), chunks[iy, ix]
+                yield (y0 // cy + iy, x0 // cx + ix), chunks[iy, ix]
 
 
 def _chunk_residuals(
-    arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
-) -> Iterator[tuple[str, np.ndarray]]:
+    arr: Any, quant: Quantiser, regions: Sequence[tuple[int, int, np.ndarray]]
+) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
     shape = tuple(arr.chunks)
-    for key, block in _chunk_blocks(arr, path, regions):
+    for index, block in _chunk_blocks(arr, regions):
         bufs = _buffers(shape, quant.dtype)
-        yield key, residuals.chunk_residual(block, quant.scale, math.inf, bufs).copy()
+        yield index, residuals.chunk_residual(block, quant.scale, math.inf, bufs).copy()
+
+
+_EMPTY = np.iinfo(np.uint64).max
+"""Offset and size of an absent chunk in a shard's index (zarr v3 ``sharding_indexed``)."""
+
+
+def assemble_shard(blobs: Sequence[Sequence[bytes | None]]) -> bytes:
+    """One ``sharding_indexed`` shard (``index_location = "end"``, index codecs ``bytes`` little-endian +
+    ``crc32c``) from its encoded inner chunks, ``blobs[row][column]`` (``None``: absent, e.g. past the image's
+    border): the chunks back to back, then the ``(offset, nbytes)`` uint64 pair of each chunk in C order, then
+    the index's crc32c as a little-endian uint32."""
+    rows, cols = len(blobs), len(blobs[0])
+    index = np.full((1, rows, cols, 2), _EMPTY, dtype="<u8")
+    parts, offset = [], 0
+    for j, row in enumerate(blobs):
+        for i, blob in enumerate(row):
+            if blob is None:
+                continue
+            index[0, j, i] = offset, len(blob)
+            parts.append(blob)
+            offset += len(blob)
+    raw = index.tobytes()
+    return b"".join([*parts, raw, np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()])
+
+
+def _objects(arr: Any, path: str, encoded: Mapping[tuple[int, int], bytes]) -> list[tuple[str, bytes]]:
+    """The store items of encoded chunks: one per chunk, or one shard per shard they fill."""
+    if not arr.shards:
+        return [(f"{path}/cube/{arr.metadata.encode_chunk_key((0, j, i))}", b) for (j, i), b in encoded.items()]
+    _, cy, cx = arr.chunks
+    _, sy, sx = arr.shards
+    ny, nx = sy // cy, sx // cx
+    out = []
+    for sj, si in sorted({(j // ny, i // nx) for j, i in encoded}):
+        blobs = [[encoded.get((sj * ny + j, si * nx + i)) for i in range(nx)] for j in range(ny)]
+        out.append((f"{path}/cube/{arr.metadata.encode_chunk_key((0, sj, si))}", assemble_shard(blobs)))
+    return out
 
 
 async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
@@ -379,21 +448,22 @@ async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
 def _write_quantised(
     store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]], threads: int
 ) -> None:
-    """Encode on ``threads`` pool threads (never the caller's: see :data:`_COMPRESSOR`), then store."""
+    """Encode on ``threads`` pool threads (never the caller's: see :data:`_COMPRESSOR`), then store one
+    object per chunk, or per shard in the sharded layout."""
     pool = _encode_pool(max(1, threads))
     host = [r for r in regions if isinstance(r[2], np.ndarray)]
     device = [r for r in regions if not isinstance(r[2], np.ndarray)]
     shape = arr.chunks
 
-    def encode(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
+    def encode(item: tuple[ChunkIndex, np.ndarray]) -> tuple[ChunkIndex, bytes]:
         return item[0], encode_chunk(quant, item[1], shape, where=path)
 
-    def compress(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
+    def compress(item: tuple[ChunkIndex, np.ndarray]) -> tuple[ChunkIndex, bytes]:
         return item[0], compress_residual(item[1])
 
-    items = list(pool.map(encode, _chunk_blocks(arr, path, host)))
-    items += pool.map(compress, _device_residuals(arr, quant, path, device))
-    sync(_put(store, items))
+    encoded = dict(pool.map(encode, _chunk_blocks(arr, host)))
+    encoded.update(pool.map(compress, _device_residuals(arr, quant, path, device)))
+    sync(_put(store, _objects(arr, path, encoded)))
 
 
 def check_owner(attrs: Mapping[str, Any] | None, path: str, key: str) -> None:
@@ -438,11 +508,14 @@ def create_cube(
     bands_nm: Sequence[float],
     spec: OutputSpec,
     provenance: Mapping[str, Any],
+    tiling: TilingSpec | None = None,
 ) -> None:
     """Create (or recreate, dropping anything there) the group, its ``cube`` and ``wavelength`` arrays.
 
     ``complete`` is false until :func:`mark_complete`. Chunks are ``(bands, chunk, chunk)``: a pixel's
-    whole spectrum is in one chunk. The ``preview`` child group (:mod:`pipeline.preview`) is created too.
+    whole spectrum is in one chunk; in the sharded layout they are stored in shards of
+    :func:`shard_shape` (``tiling``: the job's, default :class:`TilingSpec`). The ``preview`` child group
+    (:mod:`pipeline.preview`) is created too.
 
     The provenance record (``ATTR``, with the run id) is written last, so a group that has it was created
     whole: a prepare task killed part-way through (its node died) leaves a group without it, and the retry
@@ -451,10 +524,12 @@ def create_cube(
     group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": 0})
     chunk = (len(bands_nm), min(spec.chunk, height), min(spec.chunk, width))
     quant = quantiser_for(spec)
+    shard = shard_shape(height, width, spec, tiling or TilingSpec())
     cube = group.create_array(
         "cube",
         shape=(len(bands_nm), height, width),
         chunks=chunk,
+        shards=(len(bands_nm), *shard) if shard else None,
         dtype="float32" if quant else spec.dtype,
         filters=quant.filters() if quant else None,
         compressors=codecs_for(spec),
@@ -497,7 +572,8 @@ def _decode(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:
     """Write ``data`` (bands × h × w float32) at rows ``y0..``, cols ``x0..`` of the group's ``cube``.
 
-    Regions must cover whole chunks (or end at the image border) so that no two writers share a chunk.
+    Regions must cover whole chunks, or whole shards in the sharded layout (or end at the image border),
+    so that no two writers share a stored object.
     """
     write_regions(store, path, [(y0, x0, data)])
 
@@ -522,6 +598,7 @@ def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, Any
             for the chunk; the cube is never marked complete).
     """
     arr = _open_cube(store, path)
+    _check_regions(arr, path, regions)
     quant = Quantiser.from_attributes(arr.attrs)
     if quant is not None:
         _write_quantised(store, arr, quant, path, regions, threads)

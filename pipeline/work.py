@@ -191,6 +191,7 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 bands_nm=ctx.bands_nm,
                 spec=ctx.spec.output_options,
                 provenance=_provenance(ctx, meta, decoded),
+                tiling=ctx.spec.tiling,
             )
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
@@ -486,7 +487,7 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "qa_s": float(sum(r.get("qa_s", 0.0) for r in results)),
         },
         # Checked by a rerun against one listing of the store (pipeline.incremental.ChunkCounts).
-        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options),
+        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options, ctx.spec.tiling),
     }
     # Two inputs whose prepare tasks raced for one group: only the one the group records is marked complete.
     cubes.check_owner(cubes.read_status(store, meta.group), meta.group, meta.ref.key)
