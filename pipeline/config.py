@@ -161,6 +161,9 @@ class TilingSpec:
         )
 
 
+LAYOUTS = ("chunked", "sharded")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     """How cubes are stored. ``chunk`` is the spatial chunk side; all 31 bands share a chunk.
@@ -169,6 +172,8 @@ class OutputSpec:
       within ``max_error`` (absolute, the cube's units) of the model's float32 output, guaranteed; it
       decodes as float32 and ``dtype``/``compressor``/``level`` do not apply. ``0``: ``dtype`` rounding
       (float16 by default) with ``compressor`` at ``level``.
+    layout: ``"chunked"``: one stored object per chunk; ``"sharded"``: one object (a zarr v3
+      ``sharding_indexed`` shard) per tile core, holding that core's chunks (README "Outputs").
     """
 
     # 5e-4 is float16's rounding at 1.0, at a quarter of float16's bytes and 5x its encode speed
@@ -180,6 +185,7 @@ class OutputSpec:
     # to write (benchmarks/bench_output.py, README "Performance").
     compressor: str = "blosc-zstd"
     level: int = 3
+    layout: str = "chunked"
 
     def __post_init__(self) -> None:
         _check(
@@ -203,6 +209,13 @@ class OutputSpec:
         top = 22 if self.compressor in ("zstd", "none") else 9
         _check(
             0 <= self.level <= top, "output_options", "level", self.level, f"must be in 0..{top} for {self.compressor}"
+        )
+        _check(
+            self.layout in LAYOUTS,
+            "output_options",
+            "layout",
+            self.layout,
+            "must be 'chunked' (an object per chunk) or 'sharded' (an object per tile core)",
         )
         _check(
             self.max_error == 0 or MIN_MAX_ERROR <= self.max_error <= MAX_MAX_ERROR,
@@ -413,10 +426,19 @@ class JobSpec:
             "weights_sha256": weights_sha256,
             "inference": dataclasses.asdict(self.inference) | {"device": None},
             "tiling": dataclasses.asdict(self.tiling),
-            "output_options": dataclasses.asdict(self.output_options),
+            "output_options": _output_fingerprint(self.output_options),
             "batch_size": self.ray.batch_size,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _output_fingerprint(spec: OutputSpec) -> dict[str, Any]:
+    """The output options in the fingerprint; the default layout is left out, so outputs made before the
+    option existed keep their fingerprint (and are not redone)."""
+    d = dataclasses.asdict(spec)
+    if d["layout"] == "chunked":
+        del d["layout"]
+    return d
 
 
 def _build(cls: type[T], section: str, values: Mapping[str, Any]) -> T:

@@ -671,6 +671,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
         package_version=__version__,
         bands=len(ctx.bands_nm),
         output_spec=spec.output_options,
+        tiling=spec.tiling,
         when=datetime.datetime.now(datetime.UTC),
     )
     updates = catalog_updates(facts, previous, rows.values(), refs, planner.unchanged, planner.versions)

@@ -8,9 +8,11 @@
 * ``tiff``: ``<name>.tif`` (bands × y × x float32, the band centres in the description tag as JSON, deflate);
   opens with tifffile, rasterio/GDAL, napari.
 
-Which cubes: the latest run's ``ok`` rows, optionally filtered by ``where``, a pandas query on the manifest's
-columns (``"qa_backprojection_mrae < 0.3 and width >= 64"``). Files are named after the group path
-(``/`` → ``__``). Needs the ``outputs`` extra (xarray, pandas, h5netcdf, spectral, tifffile).
+Which cubes: every cube of the output, whichever run made it (the catalog,
+:func:`pipeline.catalog.cube_records`), optionally filtered by ``where``, a pandas query on the manifest's
+columns (``"qa_backprojection_mrae < 0.3 and width >= 64"``); a cube no longer complete (being redone) is
+skipped with a warning. Files are named after the group path (``/`` → ``__``). Needs the ``outputs`` extra
+(xarray, pandas, h5netcdf, spectral, tifffile).
 
 Memory: every format is written a region at a time, never a whole cube (a 1 GP cube is 124 GB as float32):
 ENVI and netCDF read each zarr chunk (all bands × ``chunk``²) once; TIFF stores its bands one after another
@@ -30,9 +32,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline import cubes, storage
+from pipeline import cubes, qa, storage
+from pipeline.catalog import cube_records
 from pipeline.errors import ConfigError
-from pipeline.manifest import read_manifest
 from pipeline.stac import item_id
 
 __all__ = ["FORMATS", "select_rows", "export_cubes"]
@@ -45,10 +47,16 @@ FORMATS = ("netcdf", "envi", "tiff")
 def select_rows(
     output: str, where: str | None, storage_options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """The latest run's ``ok`` manifest rows matching ``where`` (a pandas ``DataFrame.query`` expression)."""
-    table = read_manifest(output, storage_options)
-    df = table.to_pandas()
-    df = df[(df["status"] == "ok") & df["group"].notna()]
+    """The output's cubes (:func:`pipeline.catalog.cube_records`) matching ``where`` (a pandas
+    ``DataFrame.query`` expression on their columns)."""
+    import pandas as pd
+
+    records = cube_records(output, storage_options)
+    if not records:
+        return []
+    df = pd.DataFrame.from_records(records)
+    for col in ("width", "height", "source_bytes", *(c for c in qa.MANIFEST_FIELDS if c != "qa_flags")):
+        df[col] = pd.to_numeric(df[col])  # a column of unknowns (None) compares as NaN, not as objects
     if where:
         try:
             df = df.query(where)
@@ -79,6 +87,9 @@ def export_cubes(
     written = []
     with tempfile.TemporaryDirectory(prefix="drcr-export-") as tmp:
         for row in select_rows(output, where, storage_options):
+            if not (cubes.read_status(store, row["group"]) or {}).get("complete"):
+                log.warning("%s: not complete (being redone?); not exported", row["group"])
+                continue
             name = item_id(row["group"])
             files = writer(store, row["group"], Path(tmp) / name)
             for f in files:

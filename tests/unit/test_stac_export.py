@@ -69,9 +69,9 @@ def test_netcdf_round_trip(output: str, tmp_path: Path) -> None:
 
 
 def _group_of(output: str, ds: xr.Dataset) -> str:
-    src = json.loads(ds.attrs[cubes.ATTR])["source"]["url"]
+    sha = json.loads(ds.attrs[cubes.ATTR])["source"]["sha256"]
     rows = export.select_rows(output, None)
-    return next(r["group"] for r in rows if r["source"] == src)
+    return next(r["group"] for r in rows if r["source_sha256"] == sha)
 
 
 def test_envi_round_trip_with_spectral(output: str, tmp_path: Path) -> None:
