@@ -9,7 +9,7 @@ A spec file has one table per section::
     [inference]    # mode, precision, channels_last, device
     [tiling]       # max_tile_pixels, tile_core, halo
     [output_options]  # max_error, dtype, chunk, compressor, level
-    [decode]       # max_pixels, stream_pixels
+    [decode]       # max_pixels, stream_pixels, max_member_bytes
     [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
     [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
     [qa]           # optional QA thresholds (README "Outputs: QA, previews, report, exports")
@@ -308,14 +308,21 @@ class DecodeSpec:
     stream_pixels: images with more pixels than this take the streaming path (:mod:`pipeline.bigdecode`:
       libvips, pixels read by region, memory independent of the image size); smaller ones are decoded whole
       by Pillow, which is faster for them. The default is the measured crossover (README).
+    max_member_bytes: the largest image file or archive member read, in bytes (declared size: larger ones
+      are refused from their header or listing, nothing read); the hostile-input bound of
+      ``pipeline.sources.MAX_MEMBER_BYTES`` (256 MiB). Raise it for genuine big encoded files (a gigapixel
+      TIFF or PNG): those the streaming path reads in place or copies to local disk never hold their bytes in
+      memory, while ``.zip`` / ``.tar.gz`` members and images Pillow decodes are held whole.
     """
 
     max_pixels: int = 89_478_485
     stream_pixels: int = 16 * 1024 * 1024
+    max_member_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(self.max_pixels >= 1, "decode", "max_pixels", self.max_pixels, "must be >= 1")
         _check(self.stream_pixels >= 0, "decode", "stream_pixels", self.stream_pixels, "must be >= 0")
+        _check(self.max_member_bytes >= 1, "decode", "max_member_bytes", self.max_member_bytes, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
