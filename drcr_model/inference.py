@@ -28,6 +28,7 @@ __all__ = [
     "select_device",
     "preprocess",
     "forward",
+    "forward_tensor",
     "reconstruct",
     "transform",
     "untransform",
@@ -116,7 +117,25 @@ def forward(
     means: np.ndarray | None = None,
     ensemble: int = 1,
 ) -> np.ndarray:
-    """Run the model on a preprocessed batch B×3×h×w float32 (h, w multiples of 4) → B×31×h×w float32 numpy.
+    """:func:`forward_tensor`, copied back: B×31×h×w float32 numpy."""
+    return (
+        forward_tensor(model, batch, precision=precision, channels_last=channels_last, means=means, ensemble=ensemble)
+        .cpu()
+        .numpy()
+    )
+
+
+def forward_tensor(
+    model: torch.nn.Module,
+    batch: np.ndarray | torch.Tensor,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    means: np.ndarray | None = None,
+    ensemble: int = 1,
+) -> torch.Tensor:
+    """Run the model on a preprocessed batch B×3×h×w float32 (h, w multiples of 4) → B×31×h×w float32, a
+    tensor on the model's device (what the caller still does there, e.g. quantising the cube, saves the host).
 
     Runs on the model's device under ``torch.inference_mode``; autocast for bf16/fp16 on CUDA. ``means``:
     re-calibration statistics to use instead of each sample's own (:mod:`drcr_model.recalibration`),
@@ -140,7 +159,7 @@ def forward(
             yk = untransform((model(xk) if m is None else model(xk, m[k])).float(), k)
             total = yk if total is None else total + yk
     assert total is not None
-    return (total / ensemble if ensemble > 1 else total).cpu().numpy()
+    return total / ensemble if ensemble > 1 else total
 
 
 def _run_chw(model: torch.nn.Module, x: np.ndarray, precision: str, channels_last: bool, ensemble: int) -> np.ndarray:

@@ -27,7 +27,8 @@ YCbCr, bilevel, 32-bit ``I``, animated PNG, GIF, WebP, BMP, 16-bit RGB TIFF — 
 size, its memory growing with the image.
 
 libvips's operation cache is switched off in this process (``pyvips.cache_set_max(0)``): it would keep
-decoded regions of every window alive.
+decoded regions of every window alive. Its worker threads are set to ``VIPS_THREADS`` (1): each thread keeps
+its own strip buffers, as wide as the image, while the local tiled copy is written.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import decode
 from pipeline.config import DecodeSpec
-from pipeline.errors import DecodeError
-from pipeline.sources import ImageRef, read_member
+from pipeline.errors import ArchiveError, DecodeError, InputError
+from pipeline.sources import ImageRef, read_member, size_reason
 from pipeline.storage import open_fs
 
 __all__ = ["EncodedImage", "VipsRegions", "fetch_encoded", "decode_encoded", "pillow_limit"]
@@ -68,6 +69,13 @@ SPILL_TILE = 64
 """Tile side of the local decoded copy. libvips keeps about two rows of tiles per open image, so its memory
 grows with tile side × image width: 64 kept a 1 GP prepare task's growth over its windows to ~7 MB, 256 to
 ~190 MB (benchmarks/bench_bigimage.py)."""
+VIPS_THREADS = 1
+"""libvips worker threads in a prepare task (``pyvips.concurrency_set``; 0: libvips's default, one per CPU).
+Every thread holds strip buffers as wide as the image while the local tiled copy is written: on 2 CPUs a
+32 000 px wide gigapixel JPEG's prepare peak is 427 MB with one thread, 446 MB with libvips's default, and
+its decode no slower (median of 3: 24.2 vs 25.4 s; the JPEG/PNG decode is sequential anyway). A prepare
+task reserves one CPU (``ray.decode_num_cpus``); more threads would run on CPUs reserved for other tasks.
+Measured by ``benchmarks/bench_bigimage.py`` (README "Big images")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,19 +149,26 @@ def fetch_encoded(
 
     Raises:
         DecodeError: the header declares more than ``spec.max_pixels`` pixels (nothing more is read).
+        ArchiveError: the file or member is larger than ``spec.max_member_bytes`` (nothing read).
         InputError: the input cannot be read.
     """
     if data is not None or ref.kind not in ("file", "tar"):
-        return _in_memory(ref, storage_options, data)
+        return _in_memory(ref, storage_options, data, spec)
     fs, path = open_fs(ref.source, storage_options)
     start = ref.offset or 0
-    size = ref.size if ref.kind == "tar" and ref.size is not None else int(fs.size(path))
+    try:
+        size = ref.size if ref.kind == "tar" and ref.size is not None else int(fs.size(path))
+    except FileNotFoundError as e:
+        raise InputError(f"{ref.name}: does not exist") from e
+    # One bound for every path (streamed ones too): their bytes are hashed and copied to local disk.
+    if (too_big := size_reason(size, spec.max_member_bytes)) is not None:
+        raise ArchiveError(f"{ref.name}: {too_big}")
     if size <= WHOLE_READ_BYTES:
-        return _in_memory(ref, storage_options, None)
+        return _in_memory(ref, storage_options, None, spec)
     with fs.open(path, "rb", block_size=RANGE_BLOCK, cache_type="readahead") as f:
         plan = _plan_from(_Window(f, start, size), ref.name, spec)
         if plan is None:
-            return _in_memory(ref, storage_options, None)
+            return _in_memory(ref, storage_options, None, spec)
         local = ref.kind == "file" and "file" in _protocols(fs)
         tmp = None if local or plan.tiled else tempfile.TemporaryDirectory(prefix="drcr-encoded-")
         copy_to = None if tmp is None else os.path.join(tmp.name, "encoded")
@@ -166,9 +181,11 @@ def fetch_encoded(
     return encoded
 
 
-def _in_memory(ref: ImageRef, storage_options: Mapping[str, Any] | None, data: bytes | None) -> EncodedImage:
+def _in_memory(
+    ref: ImageRef, storage_options: Mapping[str, Any] | None, data: bytes | None, spec: DecodeSpec
+) -> EncodedImage:
     if data is None:
-        data = read_member(ref, storage_options)
+        data = read_member(ref, storage_options, max_bytes=spec.max_member_bytes)
     return EncodedImage(name=ref.name, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), data=data)
 
 
@@ -226,6 +243,7 @@ class VipsRegions:
         import pyvips
 
         pyvips.cache_set_max(0)
+        pyvips.concurrency_set(VIPS_THREADS)  # process-wide; the task owns its process (see VIPS_THREADS)
         if plan.tiled and encoded.remote is not None:
             url, offset, size = encoded.remote
             fs, path = open_fs(url, encoded.storage_options)

@@ -25,7 +25,17 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 
-__all__ = ["CATALOG_PATH", "CatalogRow", "SCHEMA", "catalog_url", "read_catalog", "write_catalog", "merge"]
+__all__ = [
+    "CATALOG_PATH",
+    "CatalogRow",
+    "SCHEMA",
+    "catalog_url",
+    "read_catalog",
+    "write_catalog",
+    "merge",
+    "qa_json",
+    "cube_records",
+]
 
 CATALOG_PATH = "catalog/catalog.parquet"
 
@@ -156,5 +166,44 @@ def read_catalog(output: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 def qa_json(figures: Mapping[str, Any] | None) -> str | None:
-    """QA figures (issue 13's, when a cube has them) as the catalog's ``qa`` JSON text."""
+    """QA figures (the manifest's ``qa_*`` columns, when a cube has them) as the catalog's ``qa`` JSON text."""
     return json.dumps(dict(figures), sort_keys=True, default=str) if figures else None
+
+
+def cube_records(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every cube of the output, whichever run made it, as records with the manifest's columns (what
+    STAC, export and the report describe): ``input``, ``source``, ``member``, ``group``, ``source_sha256``,
+    ``source_bytes``, ``width``, ``height``, ``run_id`` (the run that made the cube), ``status = "ok"``, the
+    ``qa_*`` columns, plus ``cube_url`` and ``completed``. Sorted by input.
+
+    QA comes from the row's ``qa``; rows written before the catalog recorded it take it from the cube's
+    provenance (one metadata read each)."""
+    from pipeline import cubes, qa  # cubes → preview → …: only needed here
+
+    rows = sorted(read_catalog(output, storage_options).values(), key=lambda r: r.input)
+    store = None
+    out = []
+    for row in rows:
+        figures: dict[str, Any] | None = json.loads(row.qa) if row.qa else None
+        if figures is None:
+            store = store or cubes.open_cubes(output, storage_options, read_only=True)
+            record = (cubes.read_status(store, row.group) or {}).get(cubes.ATTR) or {}
+            figures = qa.manifest_columns(record.get("qa") or {})
+        out.append(
+            {
+                "input": storage.redact(row.input),
+                "source": storage.redact(row.source),
+                "member": row.member,
+                "status": "ok",
+                "group": row.group,
+                "source_sha256": row.source_sha256,
+                "source_bytes": row.source_bytes,
+                "height": row.shape[1] if len(row.shape) == 3 else None,
+                "width": row.shape[2] if len(row.shape) == 3 else None,
+                "run_id": row.run_id,
+                "cube_url": storage.redact(row.cube_url),
+                "completed": row.completed,
+            }
+            | {col: figures.get(col) for col in qa.MANIFEST_FIELDS}
+        )
+    return out

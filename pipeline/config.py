@@ -9,7 +9,7 @@ A spec file has one table per section::
     [inference]    # mode, precision, channels_last, device
     [tiling]       # max_tile_pixels, tile_core, halo
     [output_options]  # max_error, dtype, chunk, compressor, level
-    [decode]       # max_pixels, stream_pixels
+    [decode]       # max_pixels, stream_pixels, max_member_bytes
     [ray]          # address, actors, gpus/cpus per actor, batch_size, in-flight bounds
     [storage]      # fsspec/S3 options by reference (secrets only as env-var names)
     [qa]           # optional QA thresholds (README "Outputs: QA, previews, report, exports")
@@ -182,6 +182,9 @@ class TilingSpec:
         return dataclasses.replace(self, halo=self.halo_for(n_blocks))
 
 
+LAYOUTS = ("chunked", "sharded")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     """How cubes are stored. ``chunk`` is the spatial chunk side; all 31 bands share a chunk.
@@ -190,6 +193,8 @@ class OutputSpec:
       within ``max_error`` (absolute, the cube's units) of the model's float32 output, guaranteed; it
       decodes as float32 and ``dtype``/``compressor``/``level`` do not apply. ``0``: ``dtype`` rounding
       (float16 by default) with ``compressor`` at ``level``.
+    layout: ``"chunked"``: one stored object per chunk; ``"sharded"``: one object (a zarr v3
+      ``sharding_indexed`` shard) per tile core, holding that core's chunks (README "Outputs").
     """
 
     # 5e-4 is float16's rounding at 1.0, at a quarter of float16's bytes and 5x its encode speed
@@ -201,6 +206,7 @@ class OutputSpec:
     # to write (benchmarks/bench_output.py, README "Performance").
     compressor: str = "blosc-zstd"
     level: int = 3
+    layout: str = "chunked"
 
     def __post_init__(self) -> None:
         _check(
@@ -224,6 +230,13 @@ class OutputSpec:
         top = 22 if self.compressor in ("zstd", "none") else 9
         _check(
             0 <= self.level <= top, "output_options", "level", self.level, f"must be in 0..{top} for {self.compressor}"
+        )
+        _check(
+            self.layout in LAYOUTS,
+            "output_options",
+            "layout",
+            self.layout,
+            "must be 'chunked' (an object per chunk) or 'sharded' (an object per tile core)",
         )
         _check(
             self.max_error == 0 or MIN_MAX_ERROR <= self.max_error <= MAX_MAX_ERROR,
@@ -316,14 +329,21 @@ class DecodeSpec:
     stream_pixels: images with more pixels than this take the streaming path (:mod:`pipeline.bigdecode`:
       libvips, pixels read by region, memory independent of the image size); smaller ones are decoded whole
       by Pillow, which is faster for them. The default is the measured crossover (README).
+    max_member_bytes: the largest image file or archive member read, in bytes (declared size: larger ones
+      are refused from their header or listing, nothing read); the hostile-input bound of
+      ``pipeline.sources.MAX_MEMBER_BYTES`` (256 MiB). Raise it for genuine big encoded files (a gigapixel
+      TIFF or PNG): those the streaming path reads in place or copies to local disk never hold their bytes in
+      memory, while ``.zip`` / ``.tar.gz`` members and images Pillow decodes are held whole.
     """
 
     max_pixels: int = 89_478_485
     stream_pixels: int = 16 * 1024 * 1024
+    max_member_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(self.max_pixels >= 1, "decode", "max_pixels", self.max_pixels, "must be >= 1")
         _check(self.stream_pixels >= 0, "decode", "stream_pixels", self.stream_pixels, "must be >= 0")
+        _check(self.max_member_bytes >= 1, "decode", "max_member_bytes", self.max_member_bytes, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -433,10 +453,19 @@ class JobSpec:
             "weights_sha256": weights_sha256,
             "inference": dataclasses.asdict(self.inference) | {"device": None},
             "tiling": dataclasses.asdict(self.tiling),
-            "output_options": dataclasses.asdict(self.output_options),
+            "output_options": _output_fingerprint(self.output_options),
             "batch_size": self.ray.batch_size,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _output_fingerprint(spec: OutputSpec) -> dict[str, Any]:
+    """The output options in the fingerprint; the default layout is left out, so outputs made before the
+    option existed keep their fingerprint (and are not redone)."""
+    d = dataclasses.asdict(spec)
+    if d["layout"] == "chunked":
+        del d["layout"]
+    return d
 
 
 def _build(cls: type[T], section: str, values: Mapping[str, Any]) -> T:

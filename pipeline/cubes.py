@@ -16,9 +16,16 @@ straight to ``ds.to_netcdf()``: ``complete`` is an integer (0/1) and the provena
 With ``output_options.max_error`` > 0 (the default) the cube is error-bounded (:class:`Quantiser`):
 quantised to a step just under ``2 · max_error``, predicted from its upper and left neighbours in each
 band, and blosc-compressed, all as stock zarr v3 + numcodecs codecs, so readers need nothing of ours.
-This module encodes those chunks itself (vectorised numpy, a thread pool) and stores their bytes: about
-6x faster than zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
+This module encodes those chunks itself (:mod:`pipeline.residuals`: numpy on the host, or torch on the
+device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
+zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
+
+``output_options.layout = "sharded"`` stores the same chunks in zarr v3 ``sharding_indexed`` shards, one
+object per tile core (:func:`shard_shape`: the image when it runs whole): fewer, larger objects for object
+stores. A tile writes whole shards only, so regions still never share an object; error-bounded shards are
+assembled here (:func:`assemble_shard`: the encoded chunks, then their ``(offset, nbytes)`` index with its
+crc32c, as the spec lays it out) and read by stock zarr.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import threading
 import unicodedata
@@ -36,6 +44,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -46,8 +55,8 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline import preview, storage
-from pipeline.config import OutputSpec
+from pipeline import preview, residuals, storage
+from pipeline.config import OutputSpec, TilingSpec
 from pipeline.errors import GroupCollisionError, InputError, PipelineError
 
 __all__ = [
@@ -67,6 +76,9 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "shard_shape",
+    "stored_objects",
+    "assemble_shard",
     "ForeignGroupError",
 ]
 
@@ -267,31 +279,26 @@ _scratch = threading.local()
 
 
 def _buffers(shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's reusable chunk buffers (float32, and three of ``dtype``): fresh multi-MB arrays
-    would cost a page fault per 4 KiB on every chunk."""
+    """This thread's reusable chunk buffers (a float32 band slab, and ``q``, ``d``, ``r`` of ``dtype``,
+    :func:`pipeline.residuals.chunk_residual`): fresh multi-MB arrays would cost a page fault per 4 KiB
+    on every chunk."""
     key = (shape, dtype)
     if getattr(_scratch, "key", None) != key:
         _scratch.key = key
-        _scratch.bufs = (np.empty(shape, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
+        slab = (min(residuals._slab_bands(shape), shape[0]), *shape[1:])
+        _scratch.bufs = (np.empty(slab, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
     bufs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = _scratch.bufs
     return bufs
 
 
-def _planar_residual(q: np.ndarray, d: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """What the chunk's two deltas (:meth:`Quantiser.filters`) make of ``q`` (bands × h × w), wrapping;
-    ``d`` and ``r`` are scratch of ``q``'s shape and dtype, ``r`` is returned.
+_COMPRESSOR = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
+"""Called from the encode pool's threads only, so numcodecs takes blosc's single-threaded context
+call: blosc's own thread pool (numcodecs' choice in the main thread) costs more CPU per chunk."""
 
-    The y-delta runs over the flattened (band, x, y) order, so the first row of each column is taken
-    from the last row of the column before; the x-delta runs over the flattened (band, y, x) order.
-    """
-    np.subtract(q[:, 1:, :], q[:, :-1, :], out=d[:, 1:, :])
-    np.subtract(q[:, 0, 1:], q[:, -1, :-1], out=d[:, 0, 1:])
-    np.subtract(q[1:, 0, 0], q[:-1, -1, -1], out=d[1:, 0, 0])
-    d[0, 0, 0] = q[0, 0, 0]
-    flat, out = d.reshape(-1), r.reshape(-1)
-    out[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=out[1:])
-    return r
+
+def compress_residual(residual: np.ndarray) -> bytes:
+    """The stored bytes of a chunk's integers (:mod:`pipeline.residuals`): blosc zstd-1, bit shuffle."""
+    return bytes(_COMPRESSOR.encode(np.ascontiguousarray(residual)))
 
 
 def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int], where: str = "cube") -> bytes:
@@ -301,22 +308,14 @@ def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int]
     Raises:
         InputError: ``block`` has NaN/inf or values beyond ``quant.limit`` (``where`` names the cube).
     """
-    f, q, d, r = _buffers(tuple(chunk_shape), quant.dtype)
-    _, h, w = block.shape
-    t = f[:, :h, :w]
-    np.multiply(block, np.float32(quant.scale), out=t)
-    # The range test on x · scale (contiguous, in cache) rather than on x: float32 rounding can let
-    # |x| pass a relative 2⁻²⁴ beyond the limit, which the limit's 0.9 factor and its one-step
-    # distance from the integer type's end absorb. NaN fails the test.
-    bound = quant.limit * quant.scale
-    if not (float(t.min()) >= -bound and float(t.max()) <= bound):
+    bufs = _buffers(tuple(chunk_shape), quant.dtype)
+    try:
+        residual = residuals.chunk_residual(block, quant.scale, quant.limit * quant.scale, bufs)
+    except residuals.OutOfRange:
+        # |x| ≤ limit can round to |x · scale| a hair past the bound; the integer type's margin holds it.
         _check_range(quant, block, where)
-    np.rint(t, out=t)
-    np.copyto(q[:, :h, :w], t, casting="unsafe")  # exact: integers within the type (checked above)
-    q[:, :h, w:] = q[:, :h, w - 1 : w]
-    q[:, h:, :] = q[:, h - 1 : h, :]
-    codec = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
-    return bytes(codec.encode(_planar_residual(q, d, r)))
+        residual = residuals.chunk_residual(block, quant.scale, math.inf, bufs)
+    return compress_residual(residual)
 
 
 @functools.cache
@@ -324,26 +323,121 @@ def _encode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="drcr-encode")
 
 
-def _chunk_blocks(
-    arr: Any, path: str, regions: Sequence[tuple[int, int, np.ndarray]]
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(store key, block)`` for every chunk the regions cover; each region must cover whole chunks."""
+def shard_shape(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> tuple[int, int] | None:
+    """The spatial shape of the cube's shards (``None`` in the chunked layout): a tile core
+    (``tiling.tile_core``, a multiple of the chunk), or the whole image when it runs as one tile; both
+    rounded up to whole chunks and never past the image's last chunk."""
+    if spec.layout != "sharded":
+        return None
+    cy, cx = min(spec.chunk, height), min(spec.chunk, width)
+    full_y, full_x = -(-height // cy) * cy, -(-width // cx) * cx
+    if height * width <= tiling.max_tile_pixels:
+        return full_y, full_x
+    return min(tiling.tile_core, full_y), min(tiling.tile_core, full_x)
+
+
+def stored_objects(height: int, width: int, spec: OutputSpec, tiling: TilingSpec) -> int:
+    """Objects under ``cube/c/`` of a complete cube: one per chunk, or one per shard in the sharded layout."""
+    if height < 1 or width < 1:
+        return 0
+    shard = shard_shape(height, width, spec, tiling)
+    sy, sx = shard if shard is not None else (min(spec.chunk, height), min(spec.chunk, width))
+    return -(-height // sy) * -(-width // sx)
+
+
+def _check_regions(arr: Any, path: str, regions: Sequence[tuple[int, int, Any]]) -> None:
+    """Each region must cover whole stored objects (chunks, or shards when sharded), or end at the image's
+    border: then no two writers ever share an object."""
     _, height, width = arr.shape
+    _, oy, ox = arr.shards or arr.chunks
+    for y0, x0, data in regions:
+        bands, h, w = data.shape
+        if bands != arr.shape[0] or y0 % oy or x0 % ox or (h % oy and y0 + h != height) or (w % ox and x0 + w != width):
+            kind = "shards" if arr.shards else "chunks"
+            raise ValueError(
+                f"{path}: region {tuple(data.shape)} at ({y0}, {x0}) does not cover whole {kind} {(oy, ox)}"
+            )
+
+
+ChunkIndex = tuple[int, int]
+"""A chunk's (row, column) in the cube's chunk grid."""
+
+
+def _chunk_blocks(arr: Any, regions: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
+    """``(chunk index, block)`` for every chunk the regions cover (checked by :func:`_check_regions`)."""
     _, cy, cx = arr.chunks
     for y0, x0, data in regions:
         _, h, w = data.shape
-        if (
-            data.shape[0] != arr.shape[0]
-            or y0 % cy
-            or x0 % cx
-            or (h % cy and y0 + h != height)
-            or (w % cx and x0 + w != width)
-        ):
-            raise ValueError(f"{path}: region {data.shape} at ({y0}, {x0}) does not cover whole chunks {arr.chunks}")
         for yy in range(0, h, cy):
             for xx in range(0, w, cx):
-                key = arr.metadata.encode_chunk_key((0, (y0 + yy) // cy, (x0 + xx) // cx))
-                yield f"{path}/cube/{key}", data[:, yy : yy + cy, xx : xx + cx]
+                yield ((y0 + yy) // cy, (x0 + xx) // cx), data[:, yy : yy + cy, xx : xx + cx]
+
+
+def _device_residuals(
+    arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]]
+) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
+    """``(chunk index, integers)`` for every chunk of regions held as torch tensors: quantised and predicted
+    on the tensors' device (:func:`pipeline.residuals.region_residuals`), one copy back per region, of
+    int16 (half the float32's bytes)."""
+    _, cy, cx = arr.chunks
+    for y0, x0, data in regions:
+        try:
+            res = residuals.region_residuals(data, quant.scale, quant.limit * quant.scale, arr.chunks, quant.dtype)
+        except residuals.OutOfRange:
+            host = data.float().cpu().numpy()
+            _check_range(quant, host, path)  # raises unless every |x| ≤ limit (then the host encodes it)
+            yield from _chunk_residuals(arr, quant, [(y0, x0, host)])
+            continue
+        chunks = res.cpu().numpy()
+        for iy in range(chunks.shape[0]):
+            for ix in range(chunks.shape[1]):
+                yield (y0 // cy + iy, x0 // cx + ix), chunks[iy, ix]
+
+
+def _chunk_residuals(
+    arr: Any, quant: Quantiser, regions: Sequence[tuple[int, int, np.ndarray]]
+) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
+    shape = tuple(arr.chunks)
+    for index, block in _chunk_blocks(arr, regions):
+        bufs = _buffers(shape, quant.dtype)
+        yield index, residuals.chunk_residual(block, quant.scale, math.inf, bufs).copy()
+
+
+_EMPTY = np.iinfo(np.uint64).max
+"""Offset and size of an absent chunk in a shard's index (zarr v3 ``sharding_indexed``)."""
+
+
+def assemble_shard(blobs: Sequence[Sequence[bytes | None]]) -> bytes:
+    """One ``sharding_indexed`` shard (``index_location = "end"``, index codecs ``bytes`` little-endian +
+    ``crc32c``) from its encoded inner chunks, ``blobs[row][column]`` (``None``: absent, e.g. past the image's
+    border): the chunks back to back, then the ``(offset, nbytes)`` uint64 pair of each chunk in C order, then
+    the index's crc32c as a little-endian uint32."""
+    rows, cols = len(blobs), len(blobs[0])
+    index = np.full((1, rows, cols, 2), _EMPTY, dtype="<u8")
+    parts, offset = [], 0
+    for j, row in enumerate(blobs):
+        for i, blob in enumerate(row):
+            if blob is None:
+                continue
+            index[0, j, i] = offset, len(blob)
+            parts.append(blob)
+            offset += len(blob)
+    raw = index.tobytes()
+    return b"".join([*parts, raw, np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()])
+
+
+def _objects(arr: Any, path: str, encoded: Mapping[tuple[int, int], bytes]) -> list[tuple[str, bytes]]:
+    """The store items of encoded chunks: one per chunk, or one shard per shard they fill."""
+    if not arr.shards:
+        return [(f"{path}/cube/{arr.metadata.encode_chunk_key((0, j, i))}", b) for (j, i), b in encoded.items()]
+    _, cy, cx = arr.chunks
+    _, sy, sx = arr.shards
+    ny, nx = sy // cy, sx // cx
+    out = []
+    for sj, si in sorted({(j // ny, i // nx) for j, i in encoded}):
+        blobs = [[encoded.get((sj * ny + j, si * nx + i)) for i in range(nx)] for j in range(ny)]
+        out.append((f"{path}/cube/{arr.metadata.encode_chunk_key((0, sj, si))}", assemble_shard(blobs)))
+    return out
 
 
 async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
@@ -352,20 +446,24 @@ async def _put(store: Store, items: Sequence[tuple[str, bytes]]) -> None:
 
 
 def _write_quantised(
-    store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, np.ndarray]], threads: int
+    store: Store, arr: Any, quant: Quantiser, path: str, regions: Sequence[tuple[int, int, Any]], threads: int
 ) -> None:
-    blocks = list(_chunk_blocks(arr, path, regions))
+    """Encode on ``threads`` pool threads (never the caller's: see :data:`_COMPRESSOR`), then store one
+    object per chunk, or per shard in the sharded layout."""
+    pool = _encode_pool(max(1, threads))
+    host = [r for r in regions if isinstance(r[2], np.ndarray)]
+    device = [r for r in regions if not isinstance(r[2], np.ndarray)]
     shape = arr.chunks
 
-    def encode(item: tuple[str, np.ndarray]) -> tuple[str, bytes]:
+    def encode(item: tuple[ChunkIndex, np.ndarray]) -> tuple[ChunkIndex, bytes]:
         return item[0], encode_chunk(quant, item[1], shape, where=path)
 
-    items = (
-        list(_encode_pool(threads).map(encode, blocks))
-        if threads > 1 and len(blocks) > 1
-        else [encode(b) for b in blocks]
-    )
-    sync(_put(store, items))
+    def compress(item: tuple[ChunkIndex, np.ndarray]) -> tuple[ChunkIndex, bytes]:
+        return item[0], compress_residual(item[1])
+
+    encoded = dict(pool.map(encode, _chunk_blocks(arr, host)))
+    encoded.update(pool.map(compress, _device_residuals(arr, quant, path, device)))
+    sync(_put(store, _objects(arr, path, encoded)))
 
 
 def check_owner(attrs: Mapping[str, Any] | None, path: str, key: str) -> None:
@@ -410,11 +508,14 @@ def create_cube(
     bands_nm: Sequence[float],
     spec: OutputSpec,
     provenance: Mapping[str, Any],
+    tiling: TilingSpec | None = None,
 ) -> None:
     """Create (or recreate, dropping anything there) the group, its ``cube`` and ``wavelength`` arrays.
 
     ``complete`` is false until :func:`mark_complete`. Chunks are ``(bands, chunk, chunk)``: a pixel's
-    whole spectrum is in one chunk. The ``preview`` child group (:mod:`pipeline.preview`) is created too.
+    whole spectrum is in one chunk; in the sharded layout they are stored in shards of
+    :func:`shard_shape` (``tiling``: the job's, default :class:`TilingSpec`). The ``preview`` child group
+    (:mod:`pipeline.preview`) is created too.
 
     The provenance record (``ATTR``, with the run id) is written last, so a group that has it was created
     whole: a prepare task killed part-way through (its node died) leaves a group without it, and the retry
@@ -423,10 +524,12 @@ def create_cube(
     group = zarr.create_group(store, path=path, overwrite=True, attributes={"complete": 0})
     chunk = (len(bands_nm), min(spec.chunk, height), min(spec.chunk, width))
     quant = quantiser_for(spec)
+    shard = shard_shape(height, width, spec, tiling or TilingSpec())
     cube = group.create_array(
         "cube",
         shape=(len(bands_nm), height, width),
         chunks=chunk,
+        shards=(len(bands_nm), *shard) if shard else None,
         dtype="float32" if quant else spec.dtype,
         filters=quant.filters() if quant else None,
         compressors=codecs_for(spec),
@@ -469,7 +572,8 @@ def _decode(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def write_region(store: Store, path: str, y0: int, x0: int, data: np.ndarray) -> None:
     """Write ``data`` (bands × h × w float32) at rows ``y0..``, cols ``x0..`` of the group's ``cube``.
 
-    Regions must cover whole chunks (or end at the image border) so that no two writers share a chunk.
+    Regions must cover whole chunks, or whole shards in the sharded layout (or end at the image border),
+    so that no two writers share a stored object.
     """
     write_regions(store, path, [(y0, x0, data)])
 
@@ -480,21 +584,28 @@ def _open_cube(store: Store, path: str) -> Any:
         return zarr.open_array(store, path=f"{path}/cube", mode="r+")
 
 
-def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, np.ndarray]], *, threads: int = 1) -> None:
+def write_regions(store: Store, path: str, regions: Sequence[tuple[int, int, Any]], *, threads: int = 1) -> None:
     """:func:`write_region` for several ``(y0, x0, data)`` regions of one cube, opening the array once
     (one metadata read per batch instead of one per tile). An error-bounded cube's chunks are encoded on
     ``threads`` threads (the caller's CPUs) and stored concurrently.
+
+    ``data`` is a numpy array, or a torch tensor (bands × h × w, any device): an error-bounded cube's
+    tensor regions are quantised and predicted on their device and copied back as integers, so the host
+    only compresses them (the GPU path; the same bytes as from the numpy array).
 
     Raises:
         InputError: an error-bounded cube got NaN/inf or values beyond its range (nothing is written
             for the chunk; the cube is never marked complete).
     """
     arr = _open_cube(store, path)
+    _check_regions(arr, path, regions)
     quant = Quantiser.from_attributes(arr.attrs)
     if quant is not None:
         _write_quantised(store, arr, quant, path, regions, threads)
         return
     for y0, x0, data in regions:
+        if not isinstance(data, np.ndarray):
+            data = data.cpu().numpy()
         if data.dtype != arr.dtype:
             data = data.astype(arr.dtype)
         arr[:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data

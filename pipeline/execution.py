@@ -175,7 +175,7 @@ def resolve_weights(spec: JobSpec) -> dict[str, Any]:
 @ray.remote(max_retries=3)
 def _list_task(url: str, kind: str, ctx: JobContext) -> tuple[list[ImageRef], list[Rejected]] | Exception:
     try:
-        return list_members(url, kind, storage_options(ctx))  # type: ignore[arg-type]
+        return list_members(url, kind, storage_options(ctx), max_bytes=ctx.spec.decode.max_member_bytes)  # type: ignore[arg-type]
     except InputError as exc:
         return InputError(storage.describe_error(exc))
 
@@ -200,7 +200,8 @@ def _targz_task(ctx: JobContext, url: str):
     rejected: list[Rejected] = []
     images = 0
     try:
-        for ref, data in iter_targz(url, storage_options(ctx), on_rejected=rejected.append):
+        max_bytes = ctx.spec.decode.max_member_bytes
+        for ref, data in iter_targz(url, storage_options(ctx), on_rejected=rejected.append, max_bytes=max_bytes):
             while rejected:
                 yield (rejected.pop(0), None)
             images += 1
@@ -671,6 +672,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
         package_version=__version__,
         bands=len(ctx.bands_nm),
         output_spec=spec.output_options,
+        tiling=spec.tiling,
         when=datetime.datetime.now(datetime.UTC),
     )
     updates = catalog_updates(facts, previous, rows.values(), refs, planner.unchanged, planner.versions)

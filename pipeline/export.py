@@ -8,10 +8,16 @@
 * ``tiff``: ``<name>.tif`` (bands × y × x float32, the band centres in the description tag as JSON, deflate);
   opens with tifffile, rasterio/GDAL, napari.
 
-Which cubes: the latest run's ``ok`` rows, optionally filtered by ``where``, a pandas query on the manifest's
-columns (``"qa_backprojection_mrae < 0.3 and width >= 64"``). Files are named after the group path
-(``/`` → ``__``). ENVI files are written band-row by band-row from the zarr chunks; netCDF and TIFF hold one
-cube in memory at a time. Needs the ``outputs`` extra (xarray, pandas, h5netcdf, spectral, tifffile).
+Which cubes: every cube of the output, whichever run made it (the catalog,
+:func:`pipeline.catalog.cube_records`), optionally filtered by ``where``, a pandas query on the manifest's
+columns (``"qa_backprojection_mrae < 0.3 and width >= 64"``); a cube no longer complete (being redone) is
+skipped with a warning. Files are named after the group path (``/`` → ``__``). Needs the ``outputs`` extra
+(xarray, pandas, h5netcdf, spectral, tifffile).
+
+Memory: every format is written a region at a time, never a whole cube (a 1 GP cube is 124 GB as float32):
+ENVI and netCDF read each zarr chunk (all bands × ``chunk``²) once; TIFF stores its bands one after another
+(``planarconfig=separate``), so it reads a chunk once per band: for big cubes it is the slow one (31 chunk
+decodes per chunk). Files over 2 GiB uncompressed are BigTIFF.
 """
 
 from __future__ import annotations
@@ -19,16 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from pipeline import cubes, storage
+from pipeline import cubes, qa, storage
+from pipeline.catalog import cube_records
 from pipeline.errors import ConfigError
-from pipeline.manifest import read_manifest
 from pipeline.stac import item_id
 
 __all__ = ["FORMATS", "select_rows", "export_cubes"]
@@ -41,10 +47,16 @@ FORMATS = ("netcdf", "envi", "tiff")
 def select_rows(
     output: str, where: str | None, storage_options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """The latest run's ``ok`` manifest rows matching ``where`` (a pandas ``DataFrame.query`` expression)."""
-    table = read_manifest(output, storage_options)
-    df = table.to_pandas()
-    df = df[(df["status"] == "ok") & df["group"].notna()]
+    """The output's cubes (:func:`pipeline.catalog.cube_records`) matching ``where`` (a pandas
+    ``DataFrame.query`` expression on their columns)."""
+    import pandas as pd
+
+    records = cube_records(output, storage_options)
+    if not records:
+        return []
+    df = pd.DataFrame.from_records(records)
+    for col in ("width", "height", "source_bytes", *(c for c in qa.MANIFEST_FIELDS if c != "qa_flags")):
+        df[col] = pd.to_numeric(df[col])  # a column of unknowns (None) compares as NaN, not as objects
     if where:
         try:
             df = df.query(where)
@@ -75,6 +87,9 @@ def export_cubes(
     written = []
     with tempfile.TemporaryDirectory(prefix="drcr-export-") as tmp:
         for row in select_rows(output, where, storage_options):
+            if not (cubes.read_status(store, row["group"]) or {}).get("complete"):
+                log.warning("%s: not complete (being redone?); not exported", row["group"])
+                continue
             name = item_id(row["group"])
             files = writer(store, row["group"], Path(tmp) / name)
             for f in files:
@@ -97,13 +112,42 @@ def _arrays(store: Any, group: str) -> tuple[zarr.Array, list[float]]:
     return cube, [float(v) for v in np.asarray(wl[:])]
 
 
+def _chunks(cube: zarr.Array) -> Iterator[tuple[slice, slice]]:
+    """``(rows, columns)`` of each of the cube's chunks, in row-major order."""
+    _, h, w = cube.shape
+    _, ch, cw = cube.chunks
+    for y0 in range(0, h, ch):
+        for x0 in range(0, w, cw):
+            yield slice(y0, min(h, y0 + ch)), slice(x0, min(w, x0 + cw))
+
+
 def _netcdf(store: Any, group: str, stem: Path) -> list[Path]:
+    """xarray writes everything but the cube (coordinates, CF attributes, provenance); the cube variable is
+    then added through h5netcdf and filled chunk by chunk: xarray without dask would load it whole."""
+    import h5netcdf.legacyapi as nc
     import xarray as xr
 
     ds = xr.open_zarr(store, group=group, consolidated=False)
-    ds["cube"] = ds["cube"].astype("float32")  # netCDF-4 has no float16
+    var = ds["cube"]
     path = _file(stem, ".nc")
-    ds.to_netcdf(path, engine="h5netcdf", encoding={"cube": {"zlib": True, "complevel": 4}})
+    ds.drop_vars("cube").to_netcdf(path, engine="h5netcdf")
+    cube = zarr.open_array(store, path=f"{group}/cube", mode="r")
+    with nc.Dataset(path, "a") as f:
+        for dim, n in zip(var.dims, var.shape):
+            if dim not in f.dimensions:
+                f.createDimension(dim, n)
+        out = f.createVariable(
+            "cube",
+            "f4",  # netCDF-4 has no float16
+            var.dims,
+            zlib=True,
+            complevel=4,
+            chunksizes=tuple(int(c) for c in cube.chunks),
+            fill_value=np.float32(np.nan),
+        )
+        out.attrs.update({k: v for k, v in var.attrs.items() if k != "_FillValue"})
+        for rows, cols in _chunks(cube):
+            out[:, rows, cols] = np.asarray(cube[:, rows, cols], dtype=np.float32)
     return [path]
 
 
@@ -122,9 +166,8 @@ def _envi(store: Any, group: str, stem: Path) -> list[Path]:
     hdr = _file(stem, ".hdr")
     img = envi.create_image(str(hdr), meta, shape=(h, w, bands), dtype=np.float32, interleave="bsq", ext=".img")
     mm = img.open_memmap(interleave="source", writable=True)  # bands × rows × cols for BSQ
-    step = cube.chunks[1]
-    for y0 in range(0, h, step):  # one chunk row at a time: never the whole cube in memory
-        mm[:, y0 : y0 + step, :] = np.asarray(cube[:, y0 : y0 + step, :], dtype=np.float32)
+    for rows, cols in _chunks(cube):  # one chunk at a time: a chunk row of a 1 GP cube is 1 GB as float32
+        mm[:, rows, cols] = np.asarray(cube[:, rows, cols], dtype=np.float32)
     mm.flush()
     del mm
     return [hdr, _file(stem, ".img")]
@@ -134,12 +177,24 @@ def _tiff(store: Any, group: str, stem: Path) -> list[Path]:
     import tifffile
 
     cube, wl = _arrays(store, group)
-    data = np.asarray(cube[:], dtype=np.float32)
+    bands, h, w = cube.shape
+    side = -(-max(int(cube.chunks[1]), int(cube.chunks[2])) // 16) * 16  # TIFF tiles: multiples of 16
+
+    def tiles() -> Iterator[np.ndarray]:  # band by band, as planarconfig=separate stores them
+        for b in range(bands):
+            for y0 in range(0, h, side):
+                for x0 in range(0, w, side):
+                    yield np.asarray(cube[b, y0 : y0 + side, x0 : x0 + side], dtype=np.float32)
+
     path = _file(stem, ".tif")
     description = json.dumps({"wavelength_nm": wl, "units": "1", "source": f"drcr-pipeline cube {group}"})
     tifffile.imwrite(
         path,
-        data,
+        tiles(),
+        shape=(bands, h, w),
+        dtype="float32",
+        tile=(side, side),
+        bigtiff=bands * h * w * 4 > 2**31,
         photometric="minisblack",
         planarconfig="separate",
         compression="zlib",  # deflate: every TIFF reader has it

@@ -9,8 +9,8 @@ A rerun must not read an archive it has converted before. The plan, in order of 
 3. :func:`plan_refs`: members of the other archives (tar/zip headers: size + mtime / CRC-32) and loose files
    are matched by identity (:attr:`pipeline.sources.ImageRef.key`) against the catalog; only those new or
    changed are read and hashed;
-4. :class:`ChunkCounts`: every skip is checked cheaply: the chunk objects listed under the cube (one
-   recursive listing of the store) must number what the completion marker recorded; a cube with fewer is
+4. :class:`ChunkCounts`: every skip is checked cheaply: the chunk objects (shards in the sharded layout)
+   listed under the cube (one recursive listing of the store) must number what the completion marker recorded; a cube with fewer is
    marked incomplete (:func:`invalidate`) and redone.
 
 Then :func:`catalog_updates` turns the run's outcomes into catalog rows (:mod:`pipeline.catalog`).
@@ -22,15 +22,14 @@ import collections
 import dataclasses
 import datetime as _dt
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import zarr
 
-from pipeline import cubes, storage
-from pipeline.catalog import CatalogRow
-from pipeline.config import OutputSpec
+from pipeline import cubes, qa, storage
+from pipeline.catalog import CatalogRow, qa_json
+from pipeline.config import OutputSpec, TilingSpec
 from pipeline.manifest import ManifestRow
 from pipeline.sources import ImageRef, normalize_url, version_of
 
@@ -55,9 +54,10 @@ UNCHANGED = "Unchanged"
 """``error_type`` of the manifest row of an input skipped without reading."""
 
 
-def expected_chunks(height: int, width: int, spec: OutputSpec) -> int:
-    """Chunk objects of a complete cube: one per ``chunk × chunk`` cell (a chunk holds every band)."""
-    return math.ceil(height / min(spec.chunk, height)) * math.ceil(width / min(spec.chunk, width))
+def expected_chunks(height: int, width: int, spec: OutputSpec, tiling: TilingSpec | None = None) -> int:
+    """Stored objects of a complete cube: one per ``chunk × chunk`` cell (a chunk holds every band), or in
+    the sharded layout one per shard (:func:`pipeline.cubes.stored_objects`; ``tiling``: the job's)."""
+    return cubes.stored_objects(height, width, spec, tiling or TilingSpec())
 
 
 def stat_sources(urls: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
@@ -135,7 +135,8 @@ def plan_refs(refs: Iterable[ImageRef], catalog: Mapping[str, CatalogRow], finge
 
 
 class ChunkCounts:
-    """Chunk objects per group under ``<output>/cubes.zarr``, from one recursive listing made on first use."""
+    """Chunk objects (chunks, or shards in the sharded layout: both are keys under ``cube/c/``) per group under
+    ``<output>/cubes.zarr``, from one recursive listing made on first use."""
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.root = storage.join(output, cubes.CUBES_DIR)
@@ -204,6 +205,7 @@ class RunFacts:
     bands: int
     output_spec: OutputSpec
     when: _dt.datetime
+    tiling: TilingSpec = dataclasses.field(default_factory=TilingSpec)
 
 
 def catalog_updates(
@@ -270,13 +272,22 @@ def _new_row(
         package_version=facts.package_version,
         shape=(facts.bands, row.height, row.width),
         dtype=facts.output_spec.dtype,
-        chunks=expected_chunks(row.height, row.width, facts.output_spec),
+        chunks=expected_chunks(row.height, row.width, facts.output_spec, facts.tiling),
         run_id=prior.run_id if prior else facts.run_id,
         completed=prior.completed if prior else facts.when,
+        qa=_qa_of(row, prior),
         last_seen_run=facts.run_id,
         last_seen=facts.when,
         **member,
     )
+
+
+def _qa_of(row: ManifestRow, prior: CatalogRow | None) -> str | None:
+    """The catalog's ``qa`` of a cube: this run's ``qa_*`` columns, or the earlier run's for a cube found
+    complete (its manifest row has none)."""
+    if row.status == "ok":
+        return qa_json({col: getattr(row, col) for col in qa.MANIFEST_FIELDS})
+    return prior.qa if prior is not None else None
 
 
 def _absolute(url: str) -> str:

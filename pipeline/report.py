@@ -5,8 +5,11 @@ Counts, throughput, failures with their reasons, a histogram of the cubes' back-
 and the images' mean spectra. Images are inline ``data:`` URIs and charts inline SVG; no script, no
 network: the file opens anywhere, offline, and can be mailed or archived as is.
 
-Built from what a run leaves (the manifest, the root group's run summary, each ``ok`` cube's provenance and
-thumbnails), so ``drcr-pipeline report OUTPUT`` rebuilds it at any time; never reads a cube.
+Built from what runs leave: the latest run's manifest (its counts and failures) and run summary, and the
+catalog's cubes (:func:`pipeline.catalog.cube_records`: every cube of the output, whichever run made it;
+the histogram, spectra and grid) with their provenance and thumbnails. So a rerun that found everything
+unchanged still shows every cube, and ``drcr-pipeline report OUTPUT`` rebuilds it at any time; never reads a
+cube.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import zarr
 
 from pipeline import cubes, preview, storage
+from pipeline.catalog import cube_records
 from pipeline.manifest import read_manifest
 
 __all__ = ["REPORT", "MAX_GRID", "ReportData", "gather", "render_html", "write_report"]
@@ -41,6 +45,9 @@ class ReportData:
 
     output: str
     rows: list[dict[str, Any]]
+    """The latest run's manifest rows."""
+    cubes: list[dict[str, Any]]
+    """Every cube of the output (catalog records, manifest columns)."""
     run: dict[str, Any]
     spectra: dict[str, list[float]]
     bands_nm: list[float]
@@ -49,14 +56,16 @@ class ReportData:
 
 
 def gather(output: str, storage_options: Mapping[str, Any] | None = None) -> ReportData:
-    """Read the latest run's manifest, run summary, and the grid's thumbnails and mean spectra."""
+    """Read the latest run's manifest and run summary, the output's cubes, and the grid's thumbnails and mean
+    spectra."""
     rows = read_manifest(output, storage_options).to_pylist()
+    made = cube_records(output, storage_options)
     store = cubes.open_cubes(output, storage_options, read_only=True)
     try:
         run = dict(zarr.open_group(store, mode="r").attrs.get("drcr_pipeline_run", {}))  # type: ignore[arg-type]
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         run = {}
-    ok = sorted((r for r in rows if r["status"] == "ok" and r["group"]), key=_worst_first)
+    ok = sorted(made, key=_worst_first)
     spectra: dict[str, list[float]] = {}
     bands: list[float] = []
     for r in ok[:MAX_SPECTRA]:
@@ -68,7 +77,9 @@ def gather(output: str, storage_options: Mapping[str, Any] | None = None) -> Rep
     thumbs: dict[str, tuple[bytes | None, bytes | None]] = {}
     for r in ok[:MAX_GRID]:
         thumbs[r["input"]] = tuple(_read(u, storage_options) for u in preview.thumbnail_paths(output, r["group"]))  # type: ignore[assignment]
-    return ReportData(output=output, rows=rows, run=run, spectra=spectra, bands_nm=list(bands), thumbs=thumbs)
+    return ReportData(
+        output=output, rows=rows, cubes=made, run=run, spectra=spectra, bands_nm=list(bands), thumbs=thumbs
+    )
 
 
 def _worst_first(row: Mapping[str, Any]) -> tuple[float, str]:
@@ -85,7 +96,7 @@ def _read(url: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
 
 
 def write_report(output: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``<output>/report.html`` from the latest run; returns its URL."""
+    """Write ``<output>/report.html`` (the latest run and every cube of the output); returns its URL."""
     url = storage.join(output, REPORT)
     text = render_html(gather(output, storage_options))
     fs, path = storage.open_fs(url, storage_options)
@@ -123,6 +134,7 @@ def render_html(data: ReportData) -> str:
         f'<p class="muted">run {_e(data.run.get("run_id", "?"))}, finished {_e(data.run.get("finished", "?"))}</p>',
         '<div class="counts" id="counts">'
         + "".join(f'<span><b id="count-{k}">{v}</b> {k}</span>' for k, v in counts.items())
+        + f'<span><b id="count-cubes">{len(data.cubes)}</b> cubes in the output (all runs)</span>'
         + "</div>",
         _throughput(summary),
         _failures(data.rows),
@@ -130,7 +142,7 @@ def render_html(data: ReportData) -> str:
         '<p class="muted">Each cube projected through the camera response vs the model\'s input, one exposure '
         "scale fitted per image (README, “QA fields”). Lower is better; ≈ 0 for a cube that explains its "
         "photo exactly.</p>",
-        _histogram([r["qa_backprojection_mrae"] for r in data.rows if r["qa_backprojection_mrae"] is not None]),
+        _histogram([r["qa_backprojection_mrae"] for r in data.cubes if r["qa_backprojection_mrae"] is not None]),
         "<h2>Mean spectra</h2>",
         _spectra_svg(data.spectra, data.bands_nm),
         _grid(data),
@@ -219,8 +231,8 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def _grid(data: ReportData) -> str:
-    ok = sorted((r for r in data.rows if r["status"] == "ok" and r["input"] in data.thumbs), key=_worst_first)
-    total = sum(1 for r in data.rows if r["status"] == "ok")
+    ok = sorted((r for r in data.cubes if r["input"] in data.thumbs), key=_worst_first)
+    total = len(data.cubes)
     if not ok:
         return ""
     cells = []

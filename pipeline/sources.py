@@ -25,8 +25,8 @@ other directories                                      ignored (structure, not i
 regular file with an archive extension                 rejected: ``nested archive (not recursed)``
 encrypted zip member                                   rejected: ``encrypted zip member``
 ``.avif``, ``.heic`` ... (not converted)               rejected: ``unsupported image format``
-declared size over ``MAX_MEMBER_BYTES`` (256 MiB)      rejected: ``... over the ... byte limit`` (from the header,
-                                                       nothing read; reads also stop at the declared size)
+declared size over ``max_bytes`` (the job's            rejected: ``... over the ... byte limit`` (from the header,
+``decode.max_member_bytes``, default 256 MiB)          nothing read; reads also stop at the declared size)
 tar member whose data runs past the end of the file    rejected: ``runs past the end of the archive``
 a tar broken part-way (truncated, corrupt header)      the entries before it kept; one rejection naming the
                                                        archive (``corrupt or truncated tar after entry N``)
@@ -81,6 +81,7 @@ __all__ = [
     "list_members",
     "read_member",
     "normalize_url",
+    "size_reason",
     "version_of",
 ]
 
@@ -94,8 +95,9 @@ UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".ico", ".ppm", ".pgm", ".pbm", ".tga"}
     | {".exr", ".hdr", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".eps", ".pdf"}
 )
-#: Largest member or file read, in bytes (declared size, then a bounded read). Decoding needs a few times
-#: this in memory; a 1 MB zip declaring a 1 GiB member took a task to 2.2 GB before (issue 15).
+#: Default largest image file or member, in bytes (declared size, then a bounded read): the ``max_bytes`` of
+#: the functions below, a job's ``decode.max_member_bytes``. Decoding a file held in memory needs a few times
+#: this; a 1 MB zip declaring a 1 GiB member took a task to 2.2 GB before (issue 15).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # Longest suffix first, so ".tar.gz" wins over ".gz".
 ARCHIVE_SUFFIXES: tuple[tuple[str, Kind], ...] = (
@@ -313,12 +315,15 @@ def _walk_local(root: str) -> list[tuple[str, str | None]]:
 
 
 def list_members(
-    url: str, kind: Kind, storage_options: Mapping[str, Any] | None = None
+    url: str, kind: Kind, storage_options: Mapping[str, Any] | None = None, *, max_bytes: int = MAX_MEMBER_BYTES
 ) -> tuple[list[ImageRef], list[Rejected]]:
     """List the images of one input and the entries that are not converted.
 
+    Members declaring more than ``max_bytes`` are rejected (:func:`size_reason`).
+
     Returns:
-        ``(images, rejected)`` in archive order. For ``kind="file"``: ``([ref], [])``.
+        ``(images, rejected)`` in archive order. For ``kind="file"``: ``([ref], [])`` (its size is checked
+        when it is read).
 
     Raises:
         ArchiveError: the archive is corrupt, truncated or not of the given kind.
@@ -332,13 +337,13 @@ def list_members(
             raise InputError(f"input {url!r} does not exist") from e
         return [ImageRef(url, None, "file", size=info.get("size"), version=version_of(info))], []
     if kind == "tar":
-        return _list_tar(fs, path, url)
+        return _list_tar(fs, path, url, max_bytes)
     if kind == "zip":
-        return _list_zip(fs, path, url)
+        return _list_zip(fs, path, url, max_bytes)
     if kind == "targz":
         images: list[ImageRef] = []
         rejected: list[Rejected] = []
-        for ref, reason, _ in _scan_targz(fs, path, url, want=None):
+        for ref, reason, _ in _scan_targz(fs, path, url, want=None, max_bytes=max_bytes):
             if reason is None:
                 images.append(ref)
             else:
@@ -347,17 +352,20 @@ def list_members(
     raise ValueError(f"kind must be one of 'file', 'tar', 'zip', 'targz', got {kind!r}")
 
 
-def read_member(ref: ImageRef, storage_options: Mapping[str, Any] | None = None) -> bytes:
+def read_member(
+    ref: ImageRef, storage_options: Mapping[str, Any] | None = None, *, max_bytes: int = MAX_MEMBER_BYTES
+) -> bytes:
     """Read the bytes of one image (whole file, tar byte range, zip member, or streamed tar.gz member).
 
     Raises:
-        ArchiveError: the member cannot be read (truncated archive, changed archive, bad CRC ...).
+        ArchiveError: the member cannot be read (truncated archive, changed archive, bad CRC ...), or it
+            declares more than ``max_bytes`` (:func:`size_reason`; nothing read).
         InputError: the file or archive does not exist.
     """
     fs, path = open_fs(ref.source, storage_options)
     try:
         size = fs.size(path) if ref.kind == "file" else ref.size
-        if (too_big := _size_reason(size)) is not None:
+        if (too_big := size_reason(size, max_bytes)) is not None:
             raise ArchiveError(f"{ref.name}: {too_big}")
         if ref.kind == "file":
             return bytes(fs.cat_file(path))
@@ -371,9 +379,9 @@ def read_member(ref: ImageRef, storage_options: Mapping[str, Any] | None = None)
                 )
             return data
         if ref.kind == "zip":
-            return _read_zip_member(fs, path, ref)
+            return _read_zip_member(fs, path, ref, max_bytes)
         if ref.kind == "targz":
-            for found, _, member_data in _scan_targz(fs, path, ref.source, want=ref.index):
+            for found, _, member_data in _scan_targz(fs, path, ref.source, want=ref.index, max_bytes=max_bytes):
                 if found.index == ref.index and member_data is not None:
                     if found.member != ref.member:
                         raise ArchiveError(
@@ -391,14 +399,15 @@ def iter_targz(
     storage_options: Mapping[str, Any] | None = None,
     *,
     on_rejected: Callable[[Rejected], None] | None = None,
+    max_bytes: int = MAX_MEMBER_BYTES,
 ) -> Iterator[tuple[ImageRef, bytes]]:
     """Stream every image member of a ``.tar.gz`` once, in archive order: one decompression pass.
 
-    Rejected entries are passed to ``on_rejected`` (if given) as they are met. Images already yielded stay
+    Members declaring more than ``max_bytes`` are rejected (:func:`size_reason`). Rejected entries are passed to ``on_rejected`` (if given) as they are met. Images already yielded stay
     valid if the stream turns out truncated later; the :class:`ArchiveError` is raised at that point.
     """
     fs, path = open_fs(url, storage_options)
-    for ref, reason, data in _scan_targz(fs, path, url, want="images"):
+    for ref, reason, data in _scan_targz(fs, path, url, want="images", max_bytes=max_bytes):
         if reason is not None:
             if on_rejected is not None:
                 on_rejected(Rejected(ref, reason))
@@ -452,7 +461,7 @@ def _tar_reason(info: tarfile.TarInfo) -> tuple[bool, str | None]:
 # --- tar ------------------------------------------------------------------------------------------------------
 
 
-def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
+def _list_tar(fs: AbstractFileSystem, path: str, url: str, max_bytes: int) -> tuple[list[ImageRef], list[Rejected]]:
     """The tar's entries up to its end, or up to a break (truncation, a corrupt header): the entries before a
     break are kept and the break is one more :class:`Rejected` naming the archive itself."""
     entries: list[tuple[ImageRef, tuple[bool, str | None]]] = []
@@ -490,20 +499,26 @@ def _list_tar(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
         raise InputError(f"archive {url!r} does not exist") from e
     except (tarfile.TarError, EOFError) as e:
         raise ArchiveError(f"archive {url!r}: corrupt or truncated tar ({e})") from e
-    images, rejected = _partition(entries)
+    images, rejected = _partition(entries, max_bytes)
     if broken is not None:
         rejected.append(Rejected(ImageRef(url, None, "tar"), broken))
     return images, rejected
 
 
-def _size_reason(size: int | None) -> str | None:
-    """Why an image of ``size`` bytes is not read (declared size over :data:`MAX_MEMBER_BYTES`), or None."""
-    if size is not None and size > MAX_MEMBER_BYTES:
-        return f"{size} bytes, over the {MAX_MEMBER_BYTES} byte limit for one image (sources.MAX_MEMBER_BYTES)"
+def size_reason(size: int | None, max_bytes: int = MAX_MEMBER_BYTES) -> str | None:
+    """Why an image file or member of ``size`` bytes is not read (more than ``max_bytes``), or None: one line
+    with the size, the limit and the spec field that raises it."""
+    if size is not None and size > max_bytes:
+        return (
+            f"{size} bytes ({size / 2**20:.1f} MiB), over the {max_bytes} byte limit for one image file or member "
+            "(raise decode.max_member_bytes if it is genuine)"
+        )
     return None
 
 
-def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> tuple[list[ImageRef], list[Rejected]]:
+def _partition(
+    entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]], max_bytes: int
+) -> tuple[list[ImageRef], list[Rejected]]:
     """Archive entries with their ``(keep, reason)`` verdict → (images, rejected); entries not kept are dropped."""
     images: list[ImageRef] = []
     rejected: list[Rejected] = []
@@ -511,7 +526,7 @@ def _partition(entries: Iterable[tuple[ImageRef, tuple[bool, str | None]]]) -> t
     for ref, (keep, reason) in entries:
         if not keep:
             continue
-        reason = reason or _size_reason(ref.size)
+        reason = reason or size_reason(ref.size, max_bytes)
         ref = _counted(ref, seen)
         if reason is None:
             images.append(ref)
@@ -535,7 +550,7 @@ def _tar_version(info: tarfile.TarInfo) -> str | None:
 
 
 def _scan_targz(
-    fs: AbstractFileSystem, path: str, url: str, want: int | Literal["images"] | None
+    fs: AbstractFileSystem, path: str, url: str, want: int | Literal["images"] | None, max_bytes: int
 ) -> Iterator[tuple[ImageRef, str | None, bytes | None]]:
     """Stream a tar.gz: yield ``(ref, reason, data)`` per kept entry; ``data`` is read for ``want`` entries only.
 
@@ -551,7 +566,7 @@ def _scan_targz(
                 ref = _counted(
                     ImageRef(url, info.name, "targz", size=info.size, index=index, version=_tar_version(info)), seen
                 )
-                reason = reason or _size_reason(info.size)
+                reason = reason or size_reason(info.size, max_bytes)
                 data = None
                 if reason is None and (want == "images" or want == index):
                     member = tf.extractfile(info)
@@ -596,11 +611,11 @@ def _open_zip(f: IO[bytes], url: str) -> zipfile.ZipFile:
         raise ArchiveError(f"archive {url!r}: corrupt or truncated zip ({e})") from e
 
 
-def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRef], list[Rejected]]:
+def _list_zip(fs: AbstractFileSystem, path: str, url: str, max_bytes: int) -> tuple[list[ImageRef], list[Rejected]]:
     try:
         with fs.open(path, "rb", block_size=_LIST_BLOCK_SIZE, cache_type="readahead") as f, _open_zip(f, url) as zf:
             _refuse_overlaps(zf, url)
-            return _partition(
+            entries = (
                 (
                     ImageRef(
                         url,
@@ -614,6 +629,7 @@ def _list_zip(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[ImageRe
                 )
                 for index, info in enumerate(zf.infolist())
             )
+            return _partition(entries, max_bytes)
     except FileNotFoundError as e:
         raise InputError(f"archive {url!r} does not exist") from e
 
@@ -633,13 +649,13 @@ def _refuse_overlaps(zf: zipfile.ZipFile, url: str) -> None:
             )
 
 
-def _read_zip_member(fs: AbstractFileSystem, path: str, ref: ImageRef) -> bytes:
+def _read_zip_member(fs: AbstractFileSystem, path: str, ref: ImageRef, max_bytes: int) -> bytes:
     try:
         with fs.open(path, "rb") as f, _open_zip(f, ref.source) as zf:
             infos = zf.infolist()
             if ref.index >= len(infos) or infos[ref.index].filename != ref.member:
                 raise ArchiveError(f"{ref.name}: archive changed since listing (no such member at entry {ref.index})")
-            if (too_big := _size_reason(infos[ref.index].file_size)) is not None:
+            if (too_big := size_reason(infos[ref.index].file_size, max_bytes)) is not None:
                 raise ArchiveError(f"{ref.name}: {too_big}")
             return zf.read(infos[ref.index])  # zipfile stops at the declared size and checks the CRC
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:

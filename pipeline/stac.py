@@ -1,4 +1,8 @@
-"""A STAC catalog of an output: one Collection, one Item per ``ok`` cube, written with pystac.
+"""A STAC catalog of an output: one Collection, one Item per cube, written with pystac.
+
+The cubes are the output's catalog (:func:`pipeline.catalog.cube_records`): every cube completed by any run,
+so a rerun that found everything unchanged still describes them all; a cube whose group is no longer
+complete (being redone) is left out.
 
 ``<output>/stac/collection.json`` links ``<output>/stac/<id>/<id>.json`` (pystac's layout; relative links: the catalog can be
 copied or served as is). Each Item carries the datacube extension (dimensions ``wavelength`` — type
@@ -25,7 +29,7 @@ import pystac
 from pystac.extensions.datacube import AdditionalDimension, DatacubeExtension, Variable
 
 from pipeline import cubes, preview, qa, storage
-from pipeline.manifest import read_manifest
+from pipeline.catalog import cube_records
 
 __all__ = ["STAC_DIR", "item_id", "make_item", "make_collection", "write_catalog", "validate"]
 
@@ -46,7 +50,7 @@ def _when(record: Mapping[str, Any]) -> _dt.datetime:
 
 
 def make_item(output: str, row: Mapping[str, Any], record: Mapping[str, Any]) -> pystac.Item:
-    """The Item of one ``ok`` manifest row and its cube's provenance record."""
+    """The Item of one cube (a :func:`pipeline.catalog.cube_records` record) and its provenance record."""
     group = row["group"]
     bands = [float(b) for b in record.get("output", {}).get("bands_nm", [])]
     props: dict[str, Any] = {
@@ -114,11 +118,14 @@ def make_collection(output: str, items: Sequence[pystac.Item]) -> pystac.Collect
 
 
 def write_catalog(output: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write the Collection and Items of the latest run's ``ok`` cubes; returns the Collection's URL."""
-    rows = [r for r in read_manifest(output, storage_options).to_pylist() if r["status"] == "ok" and r["group"]]
+    """Write the Collection and Items of every complete cube of the output; returns the Collection's URL."""
     store = cubes.open_cubes(output, storage_options, read_only=True)
     base = output if "://" in output else os.path.abspath(output)  # hrefs made relative need a common root
-    items = [make_item(base, r, (cubes.read_status(store, r["group"]) or {}).get(cubes.ATTR, {})) for r in rows]
+    items = []
+    for r in cube_records(output, storage_options):
+        status = cubes.read_status(store, r["group"]) or {}
+        if status.get("complete"):
+            items.append(make_item(base, r, status.get(cubes.ATTR, {})))
     collection = make_collection(output, items)
     root = storage.join(base, STAC_DIR)
     collection.normalize_hrefs(root)

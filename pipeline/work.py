@@ -195,6 +195,7 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 bands_nm=ctx.bands_nm,
                 spec=ctx.spec.output_options,
                 provenance=_provenance(ctx, meta, decoded),
+                tiling=ctx.spec.tiling,
             )
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
@@ -270,9 +271,13 @@ class Predictor:
         num_cpus: CPUs this predictor may use (torch threads are sized to it; 1-CPU Ray actors also get
             ``OMP_NUM_THREADS=1``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; defaults to the spec's.
+        encode_on_device: quantise and predict error-bounded chunks on the device (the GPU path);
+            ``None``: on CUDA devices.
     """
 
-    def __init__(self, ctx: JobContext, *, num_cpus: float = 1, device: str | None = None) -> None:
+    def __init__(
+        self, ctx: JobContext, *, num_cpus: float = 1, device: str | None = None, encode_on_device: bool | None = None
+    ) -> None:
         import torch
 
         from drcr_model import Weights
@@ -282,6 +287,11 @@ class Predictor:
         torch.set_num_threads(_torch_threads(num_cpus))
         self._encode_threads = _torch_threads(num_cpus)  # chunk encoding (cubes.write_regions) uses the same CPUs
         self.device = select_device(device or ctx.spec.inference.device)
+        # The GPU path: quantise and predict error-bounded chunks on the device (pipeline.residuals); by
+        # default on CUDA only (on a CPU device numpy does it faster, README "Error-bounded cubes").
+        on_device = self.device.type == "cuda" if encode_on_device is None else encode_on_device
+        self._device_encode = on_device and ctx.spec.output_options.max_error > 0
+        self._stream: Any = None
         self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
         if self._heap_bounded:
             bound_heap()  # not for CPU compute: see bound_heap
@@ -312,7 +322,7 @@ class Predictor:
         with self._compute:
             start = time.time()  # wall clock, comparable across the processes of one host
             t0, c0 = time.perf_counter(), time.thread_time()
-            outputs = self._compute_batch(scale, tiles, windows, means)
+            outputs, on_device = self._compute_batch(scale, tiles, windows, means)
             t1, c1 = time.perf_counter(), time.thread_time()
         t_qa = time.perf_counter()
         inputs = _core_inputs(scale, tiles, windows)
@@ -320,12 +330,14 @@ class Predictor:
         regions = [(t.core_y0, t.core_x0, o, x) for t, o, x in zip(tiles, outputs, inputs)]
         preview.write_preview_regions(self.store, group, regions, self.ctx.bands_nm)
         qa_s = time.perf_counter() - t_qa
-        cubes.write_regions(
-            self.store,
-            group,
-            [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, outputs)],
-            threads=self._encode_threads,
-        )
+        with self._encode_stream():
+            cubes.write_regions(
+                self.store,
+                group,
+                [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, on_device or outputs)],
+                threads=self._encode_threads,
+            )
+        del on_device
         if not self._heap_bounded:
             with self._count_lock:
                 self._batches += 1
@@ -373,11 +385,38 @@ class Predictor:
                 channels_last=self.ctx.spec.inference.channels_last,
             )
 
+    def _encode_stream(self) -> Any:
+        """Where the device path's quantise and predict run: a side CUDA stream, so that copying the
+        integers back waits for them only, not for the next batch's compute queued on the default stream."""
+        import contextlib
+
+        import torch
+
+        if not self._device_encode or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._stream)
+
     def _compute_batch(
         self, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
-    ) -> list[np.ndarray]:
-        """Each tile's core of the model output, bands × core_h × core_w float32."""
-        from drcr_model.inference import forward, reconstruct
+    ) -> tuple[list[np.ndarray], list[Any] | None]:
+        """Each tile's core of the model output, bands × core_h × core_w float32; and, on the GPU path
+        (an error-bounded cube on a CUDA device, tiled batches), the same cores as device tensors, which
+        :func:`pipeline.cubes.write_regions` quantises and predicts there before copying int16 back."""
+        outputs = self._compute_outputs(scale, tiles, windows, means)
+        if isinstance(outputs, list):
+            return outputs, None
+        host = outputs.cpu().numpy()  # the float32 copy QA and the previews read; also syncs the device
+        return [crop_core(host[i], t) for i, t in enumerate(tiles)], [
+            crop_core(outputs[i], t) for i, t in enumerate(tiles)
+        ]
+
+    def _compute_outputs(
+        self, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
+    ) -> Any:
+        """The cores as numpy arrays, or (GPU path) the batch's whole output as a device tensor."""
+        from drcr_model.inference import forward, forward_tensor, reconstruct
 
         inf = self.ctx.spec.inference
         if inf.stand_in_latency_s > 0:  # benchmark stand-in (config.InferenceSpec): no model, fixed latency
@@ -398,6 +437,15 @@ class Predictor:
             outputs = [np.ascontiguousarray(cube.transpose(2, 0, 1))]
         else:
             batch = np.stack([w.astype(np.float32).transpose(2, 0, 1) / scale32 for w in windows])
+            if self._device_encode:
+                return forward_tensor(
+                    self.model,
+                    batch,
+                    precision=inf.precision,
+                    channels_last=inf.channels_last,
+                    means=means,
+                    ensemble=inf.ensemble,
+                )
             y = forward(
                 self.model,
                 batch,
@@ -443,7 +491,7 @@ def finish_image(ctx: JobContext, meta: ImageMeta, results: list[dict[str, Any]]
             "qa_s": float(sum(r.get("qa_s", 0.0) for r in results)),
         },
         # Checked by a rerun against one listing of the store (pipeline.incremental.ChunkCounts).
-        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options),
+        "chunks": expected_chunks(meta.height or 0, meta.width or 0, ctx.spec.output_options, ctx.spec.tiling),
     }
     # Two inputs whose prepare tasks raced for one group: only the one the group records is marked complete.
     cubes.check_owner(cubes.read_status(store, meta.group), meta.group, meta.ref.key)

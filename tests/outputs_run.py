@@ -1,9 +1,11 @@
 """A small finished output made without Ray, for the report, STAC and export tests: the same work functions
 the Ray job runs (prepare_image → Predictor.run per batch → finish_image), a manifest and the root group's run
-summary, with the seeded untrained demo weights. Three images (one tiled), one undecodable file."""
+summary and the catalog, with the seeded untrained demo weights. Three images (one tiled), one undecodable
+file."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ from PIL import Image
 
 from drcr_model.weights import untrained_demo_weights
 from pipeline import cubes
+from pipeline.catalog import write_catalog
 from pipeline.config import JobSpec
+from pipeline.incremental import RunFacts, catalog_updates
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.sources import ImageRef
 from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, prepare_image
@@ -42,13 +46,22 @@ def make_output(tmp: Path) -> str:
     w = untrained_demo_weights(tmp / "weights")
     ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="fp", run_id="run-test")
     predictor = Predictor(ctx, device="cpu")
-    rows = []
+    rows, refs = [], {}
     for name in [*SIZES, "broken.png"]:
         ref = ImageRef(source=str(inputs / name), member=None, kind="file")
+        refs[ref.key] = ref
         items = list(prepare_image(ctx, ref))
         meta = items[0]
         assert isinstance(meta, ImageMeta)
-        row = ManifestRow(input=ref.key, source=ref.source, group=meta.group, run_id=ctx.run_id, width=meta.width, height=meta.height)
+        row = ManifestRow(
+            input=ref.key,
+            source=ref.source,
+            group=meta.group,
+            run_id=ctx.run_id,
+            width=meta.width,
+            height=meta.height,
+            source_sha256=meta.sha256,
+        )
         if meta.status == "failed":
             row.status, row.error_type, row.error, row.group = "failed", meta.error_type, meta.error, None
         else:
@@ -62,6 +75,18 @@ def make_output(tmp: Path) -> str:
             row.status, row.tiles = "ok", len(meta.tiles)
         rows.append(row)
     write_manifest(output, rows, ctx.run_id)
+    facts = RunFacts(
+        output=output,
+        run_id=ctx.run_id,
+        fingerprint=ctx.fingerprint,
+        weights_sha256=str(ctx.weights["sha256"]),
+        package_version="test",
+        bands=len(ctx.bands_nm),
+        output_spec=spec.output_options,
+        tiling=spec.tiling,
+        when=datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC),
+    )
+    write_catalog(output, catalog_updates(facts, {}, rows, refs, [], {}))
     root = zarr.open_group(cubes.open_cubes(output), mode="a")
     root.attrs.update(
         {

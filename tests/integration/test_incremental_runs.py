@@ -2,7 +2,7 @@
 
 One archive of 220 images (a tar of 120 members and 100 loose files) is converted, then rerun:
 unchanged → nothing read (counted at the s3fs layer of this process, the only one that could read: no
-prepare task and no actor starts), a tar rebuilt with a new member first → only that member, a deleted
+prepare task and no actor starts) and STAC, export and the report still describe every cube, a tar rebuilt with a new member first → only that member, a deleted
 chunk → that cube redone; the catalog holds every cube after each run. Two runs on one output → the
 second is refused and no cube is left incomplete or non-finite.
 """
@@ -10,6 +10,7 @@ second is refused and no cube is left incomplete or non-finite.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import threading
 import time
@@ -22,7 +23,7 @@ import s3fs.core
 import zarr
 from PIL import Image
 
-from pipeline import cubes
+from pipeline import cubes, export
 from pipeline.catalog import read_catalog
 from pipeline.config import JobSpec
 from pipeline.incremental import UNCHANGED
@@ -148,6 +149,12 @@ def test_reruns_skip_without_reading_redo_only_what_changed_and_the_catalog_accu
     assert again.actors == 0 and again.prepared == 0  # no actor, no prepare task: nothing read elsewhere
     assert read_counter.bytes <= 0.01 * total, (read_counter.bytes, total)
     assert {r["error_type"] for r in read_manifest(spec.output, opts).to_pylist()} == {UNCHANGED}
+    # STAC, export and the report still describe every cube: they read the catalog, not this run's manifest.
+    collection = json.loads(fs.cat_file(f"{bucket.name}/out/stac/collection.json"))
+    assert sum(link["rel"] == "item" for link in collection["links"]) == TAR_MEMBERS + LOOSE
+    assert len(export.select_rows(spec.output, "qa_backprojection_mrae >= 0", opts)) == TAR_MEMBERS + LOOSE
+    report = fs.cat_file(f"{bucket.name}/out/report.html").decode()
+    assert f'<b id="count-cubes">{TAR_MEMBERS + LOOSE}</b>' in report and '<b id="count-ok">0</b>' in report
 
     # 2. The tar rebuilt with a new member first: only that member is converted.
     rng = np.random.default_rng(99)

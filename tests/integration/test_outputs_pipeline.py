@@ -75,3 +75,49 @@ def test_nan_weights_fail_every_image(ray_local, tmp_path: Path, capsys) -> None
         status = cubes.read_status(store, r["group"]) if r["group"] else None
         assert status is None or status["complete"] is False
     assert "0 ok, 2 failed" in printed and (out / "report.html").exists()
+
+
+def test_sharded_rerun_unchanged_still_publishes_every_cube_and_a_lost_shard_is_redone(  # type: ignore[no-untyped-def]
+    ray_local, tmp_path: Path, capsys
+) -> None:
+    """``output_options.layout = "sharded"`` through the real pipeline: a shard per tile core; a second run
+    finds everything unchanged (no ok row in its manifest), yet STAC, export and the report still describe both
+    cubes (they read the catalog); a deleted shard is found by the shard count and that cube redone."""
+    from pipeline import export, stac
+    from pipeline.catalog import read_catalog
+
+    inputs = _inputs(tmp_path)
+    sharded = ("--set", "output_options.layout=sharded")
+    assert _run(tmp_path, inputs, *sharded)[0] == cli.EXIT_OK
+    out = tmp_path / "out"
+    catalog = read_catalog(str(out))
+    store = cubes.open_cubes(str(out))
+    for row in catalog.values():
+        objects = sorted(p for p in (out / "cubes.zarr" / row.group / "cube" / "c").rglob("*") if p.is_file())
+        record = cubes.read_status(store, row.group)
+        assert record["complete"] and record[cubes.ATTR]["output"]["layout"] == "sharded"  # type: ignore[index]
+        assert len(objects) == row.chunks == record[cubes.ATTR]["chunks"]  # type: ignore[index]
+    # the 40×48 image runs whole: one shard (3 × 3 chunks of 16²); the 72×64 one: 3 × 2 cores of 32²
+    assert sorted(r.chunks for r in catalog.values()) == [1, 6]  # type: ignore[type-var]
+
+    capsys.readouterr()
+    assert _run(tmp_path, inputs, *sharded)[0] == cli.EXIT_OK
+    rows = pq.read_table(out / "manifest" / "manifest.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["skipped", "skipped"] and {r["error_type"] for r in rows} == {"Unchanged"}
+    collection = json.loads((out / "stac" / "collection.json").read_text())
+    assert sum(link["rel"] == "item" for link in collection["links"]) == 2
+    assert stac.item_id(catalog[next(iter(catalog))].group) in json.dumps(collection["links"])
+    assert len(export.select_rows(str(out), "qa_backprojection_mrae >= 0 and height > 10")) == 2
+    files = export.export_cubes(str(out), "tiff", dest=str(tmp_path / "tiff"), where="width == 64")
+    assert [Path(f).suffix for f in files] == [".tif"]
+    html = (out / "report.html").read_text()
+    assert '<b id="count-cubes">2</b>' in html and '<b id="count-ok">0</b>' in html and "(2 of 2)" in html
+
+    tiled = next(r for r in catalog.values() if r.chunks == 6)
+    (out / "cubes.zarr" / tiled.group / "cube" / "c" / "0" / "1" / "1").unlink()
+    assert _run(tmp_path, inputs, *sharded)[0] == cli.EXIT_OK
+    rows = pq.read_table(out / "manifest" / "manifest.parquet").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["ok", "skipped"]
+    assert next(r for r in rows if r["status"] == "ok")["group"] == tiled.group
+    cube = cubes.zarr.open_array(store, path=f"{tiled.group}/cube", mode="r")[:]
+    assert np.isfinite(cube).all()  # the lost shard is back

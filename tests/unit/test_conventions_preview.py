@@ -117,3 +117,39 @@ def test_tiled_preview_equals_whole_preview(tmp_path) -> None:  # type: ignore[n
 
     im = Image.open(io.BytesIO(png))
     assert im.format == "PNG" and max(im.size) == 8
+
+
+def test_thumbnail_of_a_large_preview_reads_it_by_strips(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Past THUMBNAIL_OVERSAMPLE × max_side the array is read a strip at a time (a 1 GP cube's coarsest level is
+    8000²), and the thumbnail is still the picture: within rounding of Lanczos on the whole array."""
+    import io
+
+    from PIL import Image
+
+    h, w, max_side = 1100, 700, 64
+    yy, xx = np.mgrid[0:h, 0:w]
+    picture = np.stack([yy * 255 / h, xx * 255 / w, 128 + 100 * np.sin(yy / 90.0) * np.cos(xx / 70.0)])
+    picture = np.round(picture).astype(np.uint8)
+    store = cubes.open_cubes(str(tmp_path))
+    group = zarr.create_group(store, path="g/preview")
+    group.create_array("2", shape=picture.shape, chunks=(3, 64, 64), dtype="uint8")[:] = picture
+    rows_read: list[int] = []
+    opened = zarr.open_array
+
+    class Counting:
+        def __init__(self, arr):  # type: ignore[no-untyped-def]
+            self.arr, self.shape, self.chunks = arr, arr.shape, arr.chunks
+
+        def __getitem__(self, key):  # type: ignore[no-untyped-def]
+            out = self.arr[key]
+            rows_read.append(out.shape[1])
+            return out
+
+    monkeypatch.setattr(preview.zarr, "open_array", lambda *a, **k: Counting(opened(*a, **k)))
+    got = np.asarray(Image.open(io.BytesIO(preview.thumbnail_png(store, "g", max_side=max_side))), dtype=int)
+    assert len(rows_read) > 1 and max(rows_read) <= 2 * 64  # strips, never the whole array
+    whole = Image.fromarray(np.ascontiguousarray(picture.transpose(1, 2, 0)))
+    whole.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    want = np.asarray(whole, dtype=int)
+    assert got.shape == want.shape == (64, 41, 3)
+    assert np.abs(got - want).mean() < 1.5 and np.abs(got - want).max() <= 12

@@ -203,3 +203,90 @@ def test_provenance_records_the_bound(tmp_path) -> None:  # type: ignore[no-unty
     meta = next(prepare_image(ctx, ImageRef(source=str(img), member=None, kind="file")))
     attrs = cubes.read_status(cubes.open_cubes(spec.output), meta.group)
     assert attrs[cubes.ATTR]["output"]["max_error"] == 2e-4
+
+
+# --- the device path: quantise and predict in torch, the host only compresses ----------------------------
+CUDA = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+def _chunk_files(root) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/*/*/*"))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_error", [5e-5, 5e-4, 0.1])
+@pytest.mark.parametrize("shape,chunk", [((31, 40, 40), 8), ((31, 33, 17), 16), ((31, 5, 7), 4), ((2, 12, 12), 4)])
+def test_device_residuals_store_the_same_bytes_as_the_host(tmp_path, device, max_error, shape, chunk) -> None:  # type: ignore[no-untyped-def]
+    """Tensor regions (quantised and predicted by torch on their device) store exactly the chunks the
+    numpy encoder stores, edge chunks and int32 quantisers (5e-5) included, so the bound tests above hold
+    for them too; and zarr decodes them within the bound."""
+    import torch
+
+    q = cubes.Quantiser(max_error=max_error)
+    rng = np.random.default_rng(5)
+    data = rng.permutation(np.resize(_hostile_values(q, rng, 200), int(np.prod(shape)))).reshape(shape)
+    host = _round_trip(tmp_path / "host", data, max_error, chunk=chunk)
+    store = cubes.open_cubes(str(tmp_path / "dev"))
+    _, h, w = shape
+    spec = OutputSpec(max_error=max_error, chunk=chunk)
+    cubes.create_cube(store, "g", height=h, width=w, bands_nm=BANDS[: shape[0]], spec=spec, provenance={})
+    core = 2 * chunk
+    tensor = torch.from_numpy(data).to(device)
+    regions = [(y, x, tensor[:, y : y + core, x : x + core]) for y in range(0, h, core) for x in range(0, w, core)]
+    cubes.write_regions(store, "g", regions, threads=2)
+    dev = zarr.open_array(store, path="g/cube", mode="r")[:]
+    assert _chunk_files(tmp_path / "dev" / "cubes.zarr") == _chunk_files(tmp_path / "host" / "cubes.zarr")
+    np.testing.assert_array_equal(dev, host)
+    assert np.abs(dev.astype(np.float64) - data).max() <= max_error
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 40.0])
+def test_device_path_refuses_unstorable_values(tmp_path, device, bad: float) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    store = cubes.open_cubes(str(tmp_path))
+    spec = OutputSpec(max_error=5e-4, chunk=8)
+    cubes.create_cube(store, "a/img", height=8, width=16, bands_nm=BANDS, spec=spec, provenance={})
+    data = torch.full((31, 8, 16), 0.5, device=device)
+    data[3, 2, 11] = bad
+    with pytest.raises(InputError, match=r"a/img: model output .*stores values in ±32.25"):
+        cubes.write_regions(store, "a/img", [(0, 0, data)])
+    assert np.isnan(zarr.open_array(store, path="a/img/cube", mode="r")[:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) -> None:  # type: ignore[no-untyped-def]
+    """The actor's GPU path (model output kept on the device, quantised and predicted there, int16 copied
+    back) stores the same chunks as the host path, on tiled batches; run on CPU it checks the wiring, on
+    CUDA the device arithmetic too (both encoders see the same device's model output)."""
+    from PIL import Image
+
+    from drcr_model.weights import untrained_demo_weights
+    from pipeline.sources import ImageRef
+    from pipeline.work import JobContext, Predictor, prepare_image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(img)
+    weights = untrained_demo_weights(tmp_path / "w").to_record()
+    files = []
+    for on_device in (False, True):
+        out = tmp_path / f"out-{on_device}"
+        spec = JobSpec.from_dict(
+            {
+                "inputs": [str(img)],
+                "output": str(out),
+                "inference": {"device": device},
+                "tiling": {"max_tile_pixels": 16, "tile_core": 16, "halo": 4, "statistics": "tile"},
+                "output_options": {"chunk": 8},
+            }
+        )
+        ctx = JobContext(spec=spec, weights=weights, fingerprint="f", run_id="r")
+        meta, *windows = prepare_image(ctx, ImageRef(source=str(img), member=None, kind="file"))
+        assert len(meta.tiles) > 1  # type: ignore[union-attr]
+        predictor = Predictor(ctx, device=device, encode_on_device=on_device)
+        assert predictor._device_encode is on_device
+        predictor.run(meta.group, meta.scale, meta.tiles, windows)  # type: ignore[union-attr, arg-type]
+        files.append(_chunk_files(out / "cubes.zarr" / meta.group / "cube"))  # type: ignore[union-attr]
+    assert len(files[0]) == 5 * 7 and files[0] == files[1]

@@ -69,9 +69,9 @@ def test_netcdf_round_trip(output: str, tmp_path: Path) -> None:
 
 
 def _group_of(output: str, ds: xr.Dataset) -> str:
-    src = json.loads(ds.attrs[cubes.ATTR])["source"]["url"]
+    sha = json.loads(ds.attrs[cubes.ATTR])["source"]["sha256"]
     rows = export.select_rows(output, None)
-    return next(r["group"] for r in rows if r["source"] == src)
+    return next(r["group"] for r in rows if r["source_sha256"] == sha)
 
 
 def test_envi_round_trip_with_spectral(output: str, tmp_path: Path) -> None:
@@ -117,3 +117,36 @@ def test_item_id_of_a_deep_long_group_fits_a_file_name() -> None:
     ids = {stac.item_id(group), stac.item_id(group.replace("m", "k"))}
     assert len(ids) == 2 and all(len(i) <= cubes.MAX_COMPONENT for i in ids)
     assert stac.item_id("a.tar/img.png-0123") == "a.tar__img.png-0123"
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_exports_read_the_cube_a_chunk_at_a_time(
+    output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """No format reads a whole cube, nor a whole chunk row (a 1 GP cube: 124 GB, a chunk row of it 1 GB):
+    every read of the cube is at most one chunk, all bands × chunk², and together they cover it."""
+    import zarr
+
+    reads: list[int] = []
+    opened = zarr.open_array
+
+    class Counting:
+        def __init__(self, arr: zarr.Array, is_cube: bool) -> None:
+            self.arr, self.is_cube, self.shape, self.chunks = arr, is_cube, arr.shape, arr.chunks
+
+        def __getitem__(self, key: object) -> np.ndarray:
+            out = np.asarray(self.arr[key])  # type: ignore[index]
+            if self.is_cube:
+                reads.append(out.size)
+            return out
+
+    def counting(*args: object, **kwargs: object) -> Counting:
+        return Counting(opened(*args, **kwargs), str(kwargs.get("path", "")).endswith("/cube"))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export.zarr, "open_array", counting)
+    files = export.export_cubes(output, fmt, dest=str(tmp_path), where="width == 64")
+    assert files
+    (row,) = export.select_rows(output, "width == 64")
+    chunk = 31 * 16 * 16  # outputs_run: output_options.chunk = 16
+    assert reads and max(reads) <= chunk < row["height"] * row["width"] * 31
+    assert sum(reads) >= 31 * row["height"] * row["width"]
