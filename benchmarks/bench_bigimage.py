@@ -111,7 +111,7 @@ def timed(image: str, path: str) -> dict[str, float]:
 
     spec = DecodeSpec(max_pixels=2_000_000_000, stream_pixels=PATHS[path][0])
     _set_threads(path)
-    t = TilingSpec()
+    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
     t0, c0 = time.perf_counter(), time.process_time()
     decoded = decode_encoded(fetch_encoded(ImageRef(image, None, "file"), None, None, spec), spec)
     decoded.max()
@@ -138,7 +138,7 @@ def compare(image: str) -> int:
     from pipeline.tiling import extract_window, plan_tiles
 
     data = Path(image).read_bytes()
-    t = TilingSpec()
+    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
 
     def decoded(stream_pixels: int):  # type: ignore[no-untyped-def]
         spec = DecodeSpec(max_pixels=2_000_000_000, stream_pixels=stream_pixels)

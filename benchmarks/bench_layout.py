@@ -59,7 +59,7 @@ def regions(data: np.ndarray) -> list[list[tuple[int, int, np.ndarray]]]:
     from pipeline.config import TilingSpec
     from pipeline.tiling import plan_tiles
 
-    t = TilingSpec()
+    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
     _, h, w = data.shape
     tiles = plan_tiles(h, w, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
     cores = [

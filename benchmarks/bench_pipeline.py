@@ -185,7 +185,7 @@ def bare_model_mp_s(weights: str, spec: Any, image: np.ndarray, threads: int, re
 
     torch.set_num_threads(threads)
     model = load_model(weights, device="cpu")
-    t = spec.tiling
+    t = spec.tiling.with_halo_for(model.config["n_blocks"])
     tiles = plan_tiles(*image.shape[:2], max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
     scale = np.float32(image.max())
     bs = spec.ray.batch_size

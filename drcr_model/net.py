@@ -16,13 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DRCRNet", "CRM", "DRCRBlock", "NPM", "ReflectConv", "ConvLayer", "LRELU_SLOPE", "CRM_REDUCTION"]
+__all__ = [
+    "DRCRNet",
+    "receptive_radius",
+    "CRM",
+    "DRCRBlock",
+    "NPM",
+    "ReflectConv",
+    "ConvLayer",
+    "LRELU_SLOPE",
+    "CRM_REDUCTION",
+]
 
 LRELU_SLOPE = 0.2
 """Slope of every LeakyReLU in the network (spec §1)."""
 
 CRM_REDUCTION = 8
 """Channel re-calibration hidden width is ``channels // CRM_REDUCTION`` (spec §1)."""
+
+
+def receptive_radius(n_blocks: int) -> int:
+    """Pixels on each side of an output pixel that can change it, once every CRM's mean is fixed (tiles
+    run with the whole image's means): 2 stem convolutions, 14 in the NPM (its quarter-scale branch: the
+    4×4 pooling cell, two 3×3 convolutions at quarter scale, the bilinear upsampling, then ``conv_cat``),
+    6 per block (the chain ``conv1 … conv6``) and 2 at the tail. Equals the support of the gradient of
+    one output pixel, whatever its position in the 4×4 pooling grid (``tests/unit/test_net.py``)."""
+    return 18 + 6 * n_blocks
 
 
 class ReflectConv(nn.Module):

@@ -47,6 +47,7 @@ __all__ = [
     "make_dataset",
     "poly_lr",
     "mrae_loss",
+    "rmse_loss",
     "train",
     "save_checkpoint",
     "main",
@@ -54,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("mrae", "mrae+l1", "l1")
+LOSSES = ("mrae", "mrae+l1", "l1", "mrae+rmse")
 SOURCES = ("synthetic", "arad", "zarr")
 
 
@@ -140,7 +141,10 @@ class TrainConfig:
     Args:
         model: network configuration.
         data: training data.
-        loss: ``"mrae"`` (authors), ``"l1"`` or ``"mrae+l1"`` (sum of both).
+        loss: ``"mrae"`` (authors), ``"l1"``, ``"mrae+l1"`` (sum of both) or ``"mrae+rmse"``
+            (MRAE + ``rmse_weight`` × RMSE: MRAE alone weighs dark bands 1/gt and trades bright values,
+            hence RMSE, for them).
+        rmse_weight: weight of the RMSE term of ``"mrae+rmse"``.
         lr: initial Adam learning rate.
         betas: Adam betas.
         eps: Adam eps.
@@ -161,6 +165,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: str = "mrae"
+    rmse_weight: float = 1.0
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -178,6 +183,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
+        _check(self.rmse_weight >= 0, "rmse_weight", self.rmse_weight, "must be ≥ 0")
         _check(self.lr > 0, "lr", self.lr, "must be positive")
         _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -259,11 +265,18 @@ def mrae_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.mean(torch.abs(output - target) / target)
 
 
-def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def rmse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Root of the mean over all elements of (output − target)², the batch's RMSE."""
+    return torch.sqrt(torch.mean((output - target) ** 2))
+
+
+def _loss_fn(name: str, rmse_weight: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if name == "mrae":
         return mrae_loss
     if name == "l1":
         return lambda o, t: torch.mean(torch.abs(o - t))
+    if name == "mrae+rmse":
+        return lambda o, t: mrae_loss(o, t) + rmse_weight * rmse_loss(o, t)
     return lambda o, t: mrae_loss(o, t) + torch.mean(torch.abs(o - t))
 
 
@@ -343,7 +356,7 @@ class Trainer:
         self.net = net
         self.model = wrap(net) if wrap else net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
-        self.loss_fn = _loss_fn(config.loss)
+        self.loss_fn = _loss_fn(config.loss, config.rmse_weight)
         self.iteration = 0
         if config.init_weights:
             from drcr_model.checkpoint import read_checkpoint

@@ -118,6 +118,10 @@ class InferenceSpec:
         )
 
 
+TILE_STATISTICS_HALO = 32
+"""The halo of an unset ``tiling.halo`` with ``statistics = "tile"``."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TilingSpec:
     """Tiling of large images (see README "Tiling" for the measured tiled-vs-whole difference).
@@ -125,6 +129,9 @@ class TilingSpec:
     max_tile_pixels: images with H·W up to this run whole, as one tile.
     tile_core: side of each tile's core, the region it writes (multiple of 4 and of the output chunk).
     halo: context added on each side of the core (even); windows are shifted inwards at image borders.
+      Unset, it follows the weights (:meth:`with_halo_for`): with ``"global"`` statistics their receptive
+      radius rounded up to a multiple of 4 (32 for the default 2-block weights, 80 for the NTIRE 10-block
+      ones), which makes the cube equal the whole-image run's; with ``"tile"`` statistics 32.
     statistics: the channel re-calibration statistics tiles run with — ``"global"`` (the whole image's,
       gathered from the tiles first: the cube equals the whole-image run's, given a halo at least the
       model's receptive radius) or ``"tile"`` (each tile's own: one pass, close but not equal);
@@ -133,7 +140,7 @@ class TilingSpec:
 
     max_tile_pixels: int = 2048 * 2048
     tile_core: int = 512
-    halo: int = 32
+    halo: int | None = None
     statistics: str = "global"
 
     def __post_init__(self) -> None:
@@ -146,7 +153,7 @@ class TilingSpec:
             "must be a positive multiple of 4",
         )
         _check(
-            self.halo >= 0 and self.halo % 2 == 0,
+            self.halo is None or (self.halo >= 0 and self.halo % 2 == 0),
             "tiling",
             "halo",
             self.halo,
@@ -159,6 +166,20 @@ class TilingSpec:
             self.statistics,
             "must be 'tile' (each tile's own) or 'global' (the whole image's)",
         )
+
+    def halo_for(self, n_blocks: int) -> int:
+        """The halo: as given, else what weights of ``n_blocks`` DRCR blocks need."""
+        if self.halo is not None:
+            return self.halo
+        if self.statistics == "tile":  # no halo makes per-tile statistics exact; keep the window small
+            return TILE_STATISTICS_HALO
+        from drcr_model.net import receptive_radius  # here, not on top: reading a spec needs no torch
+
+        return -(-receptive_radius(n_blocks) // 4) * 4
+
+    def with_halo_for(self, n_blocks: int) -> TilingSpec:
+        """This spec with ``halo`` set (:meth:`halo_for`)."""
+        return dataclasses.replace(self, halo=self.halo_for(n_blocks))
 
 
 LAYOUTS = ("chunked", "sharded")
@@ -366,7 +387,13 @@ class JobSpec:
         return d
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        d = self.to_dict()
+        d["tiling"] = {k: v for k, v in d["tiling"].items() if v is not None}  # TOML has no null: unset stays unset
+        return tomli_w.dumps(d)
+
+    def with_halo_for(self, weights_config: Mapping[str, int]) -> JobSpec:
+        """This spec with ``tiling.halo`` resolved for the weights (:meth:`TilingSpec.with_halo_for`)."""
+        return dataclasses.replace(self, tiling=self.tiling.with_halo_for(int(weights_config["n_blocks"])))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
@@ -457,6 +484,10 @@ def _typed(section: str, name: str, want: Any, value: Any) -> Any:
     """``value`` if it has the field's type, else a ConfigError: no silent coercion (``1.9`` is not an int,
     ``"yes"`` not a bool, ``true`` not a number). Ints are accepted for floats (``halo = 2`` in TOML)."""
     key = want if isinstance(want, str) else getattr(want, "__name__", str(want))
+    if key.endswith(" | None"):  # optional: None only comes from a spec's own dict (TOML has no null)
+        if value is None:
+            return None
+        key = key.removesuffix(" | None")
     allowed = _TYPES.get(key)
     if allowed is None:
         return value

@@ -28,7 +28,7 @@ import ray
 
 from pipeline import __version__, cubes, qa, storage
 from pipeline.catalog import merge, read_catalog, write_catalog
-from pipeline.config import JobSpec
+from pipeline.config import TILE_STATISTICS_HALO, JobSpec
 from pipeline.errors import ConfigError, InputError
 from pipeline.incremental import Planner, RunFacts, catalog_updates, unchanged_row
 from pipeline.lease import Lease, hold_lease
@@ -316,6 +316,7 @@ def _run_job(spec: JobSpec, progress: Callable[[str, int], None] | None, lease: 
     t_start = time.perf_counter()
     run_id = lease.run_id
     weights = resolve_weights(spec)
+    spec = spec.with_halo_for(weights["config"])  # before the fingerprint: it holds the halo the cubes used
     ctx = JobContext(spec=spec, weights=weights, fingerprint=spec.fingerprint(weights["sha256"]), run_id=run_id)
     opts = storage_options(ctx)
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -721,7 +722,8 @@ def tiles_ahead(spec: JobSpec) -> int:
     (decode overlaps inference); a big image's windows never sit in the object store all at once.
     """
     t = spec.tiling
-    window = (t.tile_core + 2 * t.halo) ** 2 * 3
+    halo = t.halo if t.halo is not None else TILE_STATISTICS_HALO  # run_job resolves it first; a sizing guess
+    window = (t.tile_core + 2 * halo) ** 2 * 3
     return (
         max(spec.ray.actors * spec.ray.max_batches_per_actor * spec.ray.batch_size, WINDOWS_AHEAD_BYTES // window) + 2
     )

@@ -174,7 +174,11 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
         meta.scale = peak if peak > 0 else 1.0
         t = ctx.spec.tiling
         meta.tiles = plan_tiles(
-            meta.height, meta.width, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo
+            meta.height,
+            meta.width,
+            max_tile_pixels=t.max_tile_pixels,
+            tile_core=t.tile_core,
+            halo=t.halo_for(int(ctx.weights["config"]["n_blocks"])),
         )
         record = (attrs or {}).get(cubes.ATTR, {})
         # A retried or lineage-reconstructed prepare task of this same run (its tiles lost with a node)

@@ -30,7 +30,7 @@ def _model_and_weights(tmp_path: Path) -> tuple[torch.nn.Module, str, str]:
     return model, str(path), sha256_of(path.read_bytes())
 
 
-def _run(tmp_path: Path, src: Path, weights: str, sha: str, statistics: str) -> dict[str, np.ndarray]:
+def _run(tmp_path: Path, src: Path, weights: str, sha: str, statistics: str, halo: int | None) -> dict[str, np.ndarray]:
     import zarr
 
     from pipeline import cubes
@@ -42,7 +42,8 @@ def _run(tmp_path: Path, src: Path, weights: str, sha: str, statistics: str) -> 
             "inputs": [str(src)],
             "output": str(out),
             "weights": {"path": weights, "sha256": sha},
-            "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "halo": 36, "statistics": statistics},
+            "tiling": {"max_tile_pixels": 1024, "tile_core": 16, "statistics": statistics}
+            | ({} if halo is None else {"halo": halo}),
             "output_options": {"chunk": 16, "dtype": "float32"},
             "ray": {"actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 3, "max_images_in_flight": 2},
         }
@@ -56,6 +57,8 @@ def _run(tmp_path: Path, src: Path, weights: str, sha: str, statistics: str) -> 
         attrs = cubes.read_status(store, r["group"]) or {}  # the provenance record decoded
         assert attrs[cubes.ATTR]["tiling"]["statistics"] == statistics
         assert attrs[cubes.ATTR]["tiling"]["tiles"] > 1
+        # Unset, the halo follows the weights: 2 blocks, receptive radius 30 → 32.
+        assert attrs[cubes.ATTR]["tiling"]["halo"] == (32 if halo is None else halo)
         got[Path(r["source"]).name] = np.asarray(zarr.open_array(store, path=f"{r['group']}/cube", mode="r")[:])
     return got
 
@@ -71,8 +74,8 @@ def test_global_statistics_cubes_equal_the_whole_image_run(tmp_path, ray_local) 
         img = (np.kron(coarse, np.ones((16, 16, 1)))[:h, :w] * 200 + rng.random((h, w, 3)) * 50).astype(np.uint8)
         Image.fromarray(img).save(src / name)
         wholes[name] = reconstruct(img, model, mode="pad").transpose(2, 0, 1)
-    exact = _run(tmp_path, src, weights, sha, "global")
-    per_tile = _run(tmp_path, src, weights, sha, "tile")
+    exact = _run(tmp_path, src, weights, sha, "global", None)
+    per_tile = _run(tmp_path, src, weights, sha, "tile", 36)
     for name, whole in wholes.items():
         peak = float(np.abs(whole).max())
         assert np.abs(exact[name] - whole).max() <= 1e-3 * peak, name

@@ -72,3 +72,15 @@ def test_fingerprint_includes_the_package_version(monkeypatch: pytest.MonkeyPatc
     fp = spec.fingerprint("w")
     monkeypatch.setattr(pipeline, "__version__", "99.0.0")
     assert spec.fingerprint("w") != fp
+
+
+def test_unset_halo_follows_the_weights() -> None:
+    spec = JobSpec(inputs=["a"], output="o")
+    assert spec.tiling.halo is None
+    assert spec.with_halo_for({"n_blocks": 2}).tiling.halo == 32  # default weights: radius 30
+    assert spec.with_halo_for({"n_blocks": 10}).tiling.halo == 80  # NTIRE 100/10: radius 78
+    assert spec.with_overrides({"tiling.statistics": "tile"}).with_halo_for({"n_blocks": 10}).tiling.halo == 32
+    given = spec.with_overrides({"tiling.halo": 16})
+    assert given.with_halo_for({"n_blocks": 10}).tiling.halo == 16
+    assert load_spec(spec.to_toml(), is_text=True) == spec  # unset stays unset through TOML
+    assert spec.with_halo_for({"n_blocks": 2}).fingerprint("w") != spec.with_halo_for({"n_blocks": 10}).fingerprint("w")

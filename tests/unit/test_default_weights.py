@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -45,3 +47,34 @@ def test_default_weights_load_and_reconstruct_a_synthetic_scene() -> None:
     assert rec.shape == (64, 64, 31) and np.isfinite(rec).all()
     # Held-out MRAE of the shipped weights is ~0.3-0.4 (default.json); an untrained net is far worse.
     assert mrae(cube, rec) < 0.8
+
+
+def _train_default_weights():  # type: ignore[no-untyped-def]
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_default_weights.py"
+    spec = importlib.util.spec_from_file_location("train_default_weights", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_weights_table_is_the_record_s() -> None:
+    record = json.loads((WEIGHTS / "default.json").read_text())
+    table = _train_default_weights().readme_table(record)
+    assert "| DRCR 32/2 (default.pt) | clean | " in table and len(table.splitlines()) == 8
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert table in readme, "regenerate with: python benchmarks/train_default_weights.py --stage table"
+
+
+def test_record_recipe_is_the_shipped_job() -> None:
+    """``benchmarks/train_default_weights.py`` reproduces the record: same job (and chain, if any)."""
+    from drcr_model.train import TrainConfig
+
+    mod = _train_default_weights()
+    meta = json.loads((WEIGHTS / "default.json").read_text())["meta"]
+    final = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights.toml")
+    assert TrainConfig.from_dict(meta["training_recipe"]) == dataclasses.replace(final, iterations=meta["iterations"])
+    assert final.total_iterations == meta["iterations"]  # the plain command trains exactly that far
+    assert mod._init_job(final, mod.REPO / "jobs" / "default_weights.toml") is None
+    finetune = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights_finetune.toml")
+    assert mod._init_job(finetune, mod.REPO / "jobs" / "default_weights.toml") == final

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drcr_model.net import NPM, DRCRNet
+from drcr_model.net import NPM, DRCRNet, receptive_radius
 
 DATA = Path(__file__).parent / "data"
 TINY = {"in_channels": 3, "out_channels": 31, "channels": 8, "n_blocks": 1}
@@ -325,3 +325,23 @@ def test_golden_tolerance_detects_the_npm_fix() -> None:
         npm.conv2_33, npm.conv2_11 = npm.conv4_33, npm.conv4_11  # quarter scale now uses conv4_*, half scale too
         y = model(torch.from_numpy(golden["x"])).numpy()
     assert np.abs(y - golden["y"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 3])
+def test_receptive_radius_is_the_gradient_support(n_blocks: int) -> None:
+    """With every CRM mean fixed, an output pixel depends on exactly ``receptive_radius`` px each side
+    (the worst over the 16 positions in the 4×4 pooling grid)."""
+    torch.manual_seed(0)
+    net = DRCRNet(3, 31, 8, n_blocks).double()
+    for p in net.parameters():
+        torch.nn.init.uniform_(p, -0.5, 0.5)  # generic weights: no weight that happens to cut a path
+    means = torch.rand(n_blocks, 8, dtype=torch.float64)
+    size, c, reach = 96, 48, 0
+    for dy in range(4):
+        for dx in range(4):
+            x = torch.rand(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+            net(x, means)[0, :, c + dy, c + dx].sum().backward()
+            assert x.grad is not None
+            ys, xs = (x.grad[0].abs().sum(0) > 0).nonzero(as_tuple=True)
+            reach = max(reach, int((ys - c - dy).abs().max()), int((xs - c - dx).abs().max()))
+    assert reach == receptive_radius(n_blocks)

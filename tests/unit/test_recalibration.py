@@ -109,3 +109,19 @@ def test_gather_state_stops_at_n_blocks_or_convergence() -> None:
     assert state.done and state.passes == 2
     with pytest.raises(ValueError, match="no pixels"):
         state.update(sums, 0)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 3])
+def test_unset_halo_follows_the_receptive_radius_and_is_exact(n_blocks: int) -> None:
+    """With ``tiling.halo`` unset and global statistics, the halo the weights get makes tiles exact
+    (float rounding only)."""
+    from pipeline.config import TilingSpec
+
+    halo = TilingSpec(statistics="global").with_halo_for(n_blocks).halo
+    assert halo is not None and halo % 4 == 0 and 0 <= halo - (18 + 6 * n_blocks) < 4
+    model = sensitive_model(n_blocks)
+    img = _image(136, 120, seed=n_blocks)
+    whole = reconstruct(img, model, mode="pad").transpose(2, 0, 1)
+    peak = float(np.abs(whole).max())
+    tiled, _ = _tiled(model, img, 16, halo, "global")
+    assert np.abs(tiled - whole).max() <= 1e-5 * peak

@@ -11,7 +11,18 @@ import pytest
 import torch
 
 from drcr_model.datasets import Pair
-from drcr_model.train import DataConfig, ModelConfig, TrainConfig, Trainer, main, make_dataset, mrae_loss, poly_lr
+from drcr_model.train import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    Trainer,
+    _loss_fn,
+    main,
+    make_dataset,
+    mrae_loss,
+    poly_lr,
+    rmse_loss,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS_TSV = Path(__file__).parent / "data" / "drcr_state_dict_keys.tsv"
@@ -70,10 +81,20 @@ def test_mrae_loss_has_no_epsilon() -> None:
     assert float(mrae_loss(out, gt)) == pytest.approx(0.2)
 
 
+def test_mixed_loss_adds_weighted_rmse_to_mrae() -> None:
+    out, gt = torch.tensor([0.6, 0.2]), torch.tensor([0.5, 0.25])
+    rmse = ((0.1**2 + 0.05**2) / 2) ** 0.5
+    assert float(rmse_loss(out, gt)) == pytest.approx(rmse)
+    assert float(_loss_fn("mrae+rmse", 3.0)(out, gt)) == pytest.approx(0.2 + 3.0 * rmse)
+    assert float(_loss_fn("mrae+rmse", 0.0)(out, gt)) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="rmse_weight"):
+        TrainConfig(loss="mrae+rmse", rmse_weight=-1.0)
+
+
 def test_config_toml_roundtrip_and_errors(tmp_path) -> None:
     c = _tiny_config(tmp_path)
     assert TrainConfig.from_dict(tomllib.loads(c.to_toml())) == c
-    for job in ("train_synthetic.toml", "default_weights.toml"):
+    for job in ("train_synthetic.toml", "default_weights.toml", "default_weights_finetune.toml"):
         TrainConfig.from_toml(REPO / "jobs" / job)
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"learning_rate": 1})
