@@ -8,6 +8,9 @@ thread waits until the worker node runs an inference batch, then kills the worke
 (raylet, agents, its actor and task workers). When this process exits, the kernel ends every other process of
 the namespace.
 
+With ``PARAMS["join"]`` the worker node is not there when the job starts: a thread starts it once the first
+actor runs a batch (the elastic pool must grow onto it), and nothing is killed.
+
 Usage: ``python _cluster_job.py PARAMS.json``; writes ``PARAMS["result"]`` (JSON).
 """
 
@@ -53,7 +56,7 @@ def main() -> None:
             "--head",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            "--num-cpus=3",
+            f"--num-cpus={params.get('head_cpus', 3)}",
             "--include-dashboard=false",
             "--disable-usage-stats",
         ],
@@ -61,37 +64,41 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
     )
     worker_log = open(Path(params["result"]).with_suffix(".worker.log"), "wb")  # noqa: SIM115 - lives as long as the node
-    worker = subprocess.Popen(
-        [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=worker_log,
-    )  # fmt: skip
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={params.get('worker_cpus', 2)}", "--block", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=worker_log,
+        )  # fmt: skip
+
     import ray
 
     from pipeline.config import JobSpec
     from pipeline.execution import run_job
 
     ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-    deadline = time.monotonic() + 60
-    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the worker node did not join")
-        time.sleep(0.2)
     head_id = ray.get_runtime_context().get_node_id()
-    worker_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head_id)
-
     log: dict[str, object] = {}
     stop = threading.Event()
+    if params.get("join"):
+        joiner = threading.Thread(target=_join_later, args=(params, start_worker, log, stop), daemon=True)
+        joiner.start()
+        worker = None
+    else:
+        worker = start_worker()
+        _wait_nodes(ray, 2)
 
     def on_worker(title: str) -> list[int]:
+        assert worker is not None
         return [p for p in fh.pids_with_title(title) if fh.is_descendant(p, worker.pid)]
 
     def killer() -> None:
         t0 = time.perf_counter()
-        while not stop.is_set() and not on_worker("ray::_PredictorActor.run"):
+        while not stop.is_set() and not on_worker(fh.PREDICT_TITLE):
             stop.wait(0.05)
         stop.wait(params["kill_after"])
-        while not stop.is_set() and not on_worker("ray::_PredictorActor.run"):  # strike mid-batch
+        while not stop.is_set() and not on_worker(fh.PREDICT_TITLE):  # strike mid-batch
             stop.wait(0.01)
         if stop.is_set():
             return
@@ -107,7 +114,7 @@ def main() -> None:
         log["killed_at_s"] = round(time.perf_counter() - t0, 2)
 
     thread = threading.Thread(target=killer, daemon=True)
-    if params["kill"]:
+    if params.get("kill"):
         thread.start()
     t0 = time.perf_counter()
     summary = run_job(
@@ -117,6 +124,7 @@ def main() -> None:
     )
     elapsed = time.perf_counter() - t0
     stop.set()
+    worker_id = next((n["NodeID"] for n in ray.nodes() if n["NodeID"] != head_id), None)
     nodes_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     Path(params["result"]).write_text(
         json.dumps(
@@ -132,6 +140,27 @@ def main() -> None:
     )
     ray.shutdown()
     server.stop()
+
+
+def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len([x for x in ray.nodes() if x["Alive"]]) < n:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker node did not join")
+        time.sleep(0.2)
+
+
+def _join_later(params: dict, start_worker: object, log: dict, stop: threading.Event) -> None:  # type: ignore[type-arg]
+    """Start the worker node once the job's first actor runs a batch (the job is under way)."""
+    out = Path(params["s3_root"]) / params["spec"]["output"].removeprefix("s3://") / "cubes.zarr"
+    t0 = time.perf_counter()
+    while not stop.is_set() and not fh.pids_with_title(fh.PREDICT_TITLE):  # the first actor is computing
+        stop.wait(0.1)
+    if stop.is_set():
+        return
+    log["complete_before_join"] = len(fh.complete_groups_local(out))
+    log["join_started_s"] = round(time.perf_counter() - t0, 2)
+    start_worker()  # type: ignore[operator]
 
 
 def _pgid(pid: int) -> int | None:
