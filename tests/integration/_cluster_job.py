@@ -113,6 +113,11 @@ def main() -> None:
         log["process_groups"] = len(groups)
         log["killed_at_s"] = round(time.perf_counter() - t0, 2)
 
+    decisions = _trace_autoscaler(t_start := time.perf_counter())
+    diag = threading.Thread(
+        target=_diagnose, args=(Path(params["result"]).with_suffix(".diag.json"), decisions, stop), daemon=True
+    )
+    diag.start()
     thread = threading.Thread(target=killer, daemon=True)
     if params.get("kill"):
         thread.start()
@@ -126,6 +131,16 @@ def main() -> None:
     stop.set()
     worker_id = next((n["NodeID"] for n in ray.nodes() if n["NodeID"] != head_id), None)
     nodes_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    from ray.util.state import list_actors
+
+    # Evidence for the RELIABILITY figures: where Ray Data's pool actors ran, and what its autoscaler decided.
+    log["actors"] = [
+        {"class": a.class_name, "node": a.node_id, "state": a.state, "restarts": a.num_restarts}
+        for a in list_actors(limit=100, detail=True)
+        if "MapWorker" in (a.class_name or "")
+    ]
+    log["autoscaler"] = decisions
+    log["t_run_start"] = round(t0 - t_start, 2)
     Path(params["result"]).write_text(
         json.dumps(
             {
@@ -140,6 +155,57 @@ def main() -> None:
     )
     ray.shutdown()
     server.stop()
+
+
+def _diagnose(path: Path, decisions: list[list[object]], stop: threading.Event, every: float = 30.0) -> None:
+    """Every ``every`` s, write what Ray's state API shows (actors, unfinished tasks, nodes) and the autoscaler's
+    decisions so far to ``path``: when a job hangs, the test prints it."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    t0 = time.perf_counter()
+    while not stop.wait(every):
+        try:
+            state = {
+                "t_s": round(time.perf_counter() - t0, 1),
+                "nodes": [
+                    {"id": n["NodeID"][:8], "alive": n["Alive"], "cpu": n["Resources"].get("CPU")} for n in ray.nodes()
+                ],
+                "available": ray.available_resources(),
+                "actors": [
+                    {"class": a.class_name, "node": (a.node_id or "")[:8], "state": a.state, "restarts": a.num_restarts}
+                    for a in list_actors(limit=200, detail=True)
+                ],
+                "tasks": [
+                    {"name": t.name, "state": t.state, "node": (t.node_id or "")[:8], "attempt": t.attempt_number}
+                    for t in list_tasks(limit=500, filters=[("state", "!=", "FINISHED")], detail=True)
+                ],
+                "autoscaler": decisions[-20:],
+            }
+            path.write_text(json.dumps(state, indent=1, default=str))
+        except Exception as exc:  # noqa: BLE001 - diagnostics must never break the job
+            path.write_text(json.dumps({"error": repr(exc)}))
+
+
+def _trace_autoscaler(t0: float) -> list[list[object]]:
+    """Record Ray Data's actor-pool scaling decisions (time, pool size, delta, reason), each change of reason
+    once: the driver runs the autoscaler, so wrapping its decision function here sees every one."""
+    import re
+
+    from ray.data._internal.actor_autoscaler import default_actor_autoscaler as das
+
+    out: list[list[object]] = []
+    inner = das.DefaultActorAutoscaler._derive_target_scaling_config
+
+    def traced(self, actor_pool, op, op_state):  # type: ignore[no-untyped-def]
+        req = inner(self, actor_pool, op, op_state)
+        reason = re.sub(r"[0-9.]+", "#", req.reason or "")
+        if not out or out[-1][3] != reason or req.delta:
+            out.append([round(time.perf_counter() - t0, 2), actor_pool.current_size(), req.delta, reason])
+        return req
+
+    das.DefaultActorAutoscaler._derive_target_scaling_config = traced  # type: ignore[method-assign]
+    return out
 
 
 def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
@@ -161,6 +227,11 @@ def _join_later(params: dict, start_worker: object, log: dict, stop: threading.E
     log["complete_before_join"] = len(fh.complete_groups_local(out))
     log["join_started_s"] = round(time.perf_counter() - t0, 2)
     start_worker()  # type: ignore[operator]
+    import ray
+
+    while not stop.is_set() and len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        stop.wait(0.2)
+    log["joined_s"] = round(time.perf_counter() - t0, 2)
 
 
 def _pgid(pid: int) -> int | None:

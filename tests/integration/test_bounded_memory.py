@@ -32,7 +32,11 @@ def _context(tmp_path, ray_section):  # type: ignore[no-untyped-def]
         }
     )
     w = resolve_weights(spec)
-    return spec, JobContext(spec=spec, weights=w, fingerprint=spec.fingerprint(w["sha256"]), run_id="bounded"), str(path)
+    return (
+        spec,
+        JobContext(spec=spec, weights=w, fingerprint=spec.fingerprint(w["sha256"]), run_id="bounded"),
+        str(path),
+    )
 
 
 def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -43,8 +47,8 @@ def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local,
     import ray.data
 
     from pipeline import execution
-    from pipeline.sources import ImageRef
     from pipeline.execution import ImageTask
+    from pipeline.sources import ImageRef
     from pipeline.tracking import PreparedBatch
 
     spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})

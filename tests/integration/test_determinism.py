@@ -58,7 +58,9 @@ def test_too_many_actors_for_the_cluster_is_a_clear_error(tmp_path, ray_local) -
     from pipeline.errors import ConfigError
     from pipeline.execution import run_job
 
-    spec = JobSpec.from_dict({"inputs": [str(tmp_path)], "output": str(tmp_path / "o"), "ray": {"actors": 2, "num_cpus_per_actor": 1}})
+    spec = JobSpec.from_dict(
+        {"inputs": [str(tmp_path)], "output": str(tmp_path / "o"), "ray": {"actors": 2, "num_cpus_per_actor": 1}}
+    )
     with pytest.raises(ConfigError, match="ray.actors"):
         run_job(spec)
 

@@ -140,7 +140,6 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     the worker node's process group is SIGKILLed while its actor runs a batch. The GCS marks the node dead,
     the actor restarts on the head, lost tiles are rebuilt from lineage: every image ends ok and identical."""
     import json
-    import subprocess
 
     server = fault_bucket.server
     result = tmp_path / "result.json"
@@ -153,9 +152,7 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
     # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
     # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
-    proc = subprocess.run(
-        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=300
-    )
+    proc = fh.run_cluster(cmd, result, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     s = out["summary"]
@@ -181,7 +178,6 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
     second node joins once the first cubes are complete. Ray Data adds an actor there, so inference runs on
     both nodes, and every cube is byte-identical to the fault-free 1-actor run's."""
     import json
-    import subprocess
 
     server = fault_bucket.server
     result = tmp_path / "result.json"
@@ -193,9 +189,7 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
     cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
-    proc = subprocess.run(
-        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=300
-    )
+    proc = fh.run_cluster(cmd, result, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     s = out["summary"]
@@ -286,7 +280,9 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     )
 
     t1 = time.perf_counter()
-    second = subprocess.run(fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150)
+    second = subprocess.run(
+        fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150
+    )
     rerun = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr[-3000:]
     print(
@@ -315,9 +311,7 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
 
     def kill() -> list[int] | None:
         # A new worker each time (a killed one keeps its title until it is reaped).
-        pids = [
-            p for p in fh.pids_with_title(fh.PREDICT_TITLE) if fh.is_descendant(p, me) and p not in killed
-        ]
+        pids = [p for p in fh.pids_with_title(fh.PREDICT_TITLE) if fh.is_descendant(p, me) and p not in killed]
         killed.update(pids)
         return pids if fh.sigkill(pids) else None
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
-
-from typing import Any
 
 from pipeline.manifest import ManifestRow
 from pipeline.sources import ImageRef
