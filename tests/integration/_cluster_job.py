@@ -209,8 +209,14 @@ def _trace_autoscaler(t0: float) -> list[list[object]]:
 
 
 def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
+    """Wait for ``n`` alive nodes whose CPUs are all free: the scheduler has seen the new node's resources (on
+    a loaded box that lags its registration, and an actor pool started before then lands on the head)."""
     deadline = time.monotonic() + timeout
-    while len([x for x in ray.nodes() if x["Alive"]]) < n:  # type: ignore[attr-defined]
+    while True:
+        alive = [x for x in ray.nodes() if x["Alive"]]  # type: ignore[attr-defined]
+        cpus = sum(x["Resources"].get("CPU", 0) for x in alive)
+        if len(alive) >= n and ray.available_resources().get("CPU", 0) >= cpus:  # type: ignore[attr-defined]
+            return
         if time.monotonic() > deadline:
             raise RuntimeError("the worker node did not join")
         time.sleep(0.2)
@@ -226,11 +232,17 @@ def _join_later(params: dict, start_worker: object, log: dict, stop: threading.E
         return
     log["complete_before_join"] = len(fh.complete_groups_local(out))
     log["join_started_s"] = round(time.perf_counter() - t0, 2)
-    start_worker()  # type: ignore[operator]
     import ray
 
-    while not stop.is_set() and len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        stop.wait(0.2)
+    # `ray start` gives up if its raylet has not registered within 30 s (Ray's own constant), which a loaded
+    # 2-core box can exceed: start it again then.
+    for attempt in range(3):
+        node = start_worker()  # type: ignore[operator]
+        while not stop.is_set() and node.poll() is None and len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            stop.wait(0.2)
+        if node.poll() is None or stop.is_set():
+            break
+        log["join_attempts"] = attempt + 2
     log["joined_s"] = round(time.perf_counter() - t0, 2)
 
 

@@ -144,8 +144,8 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     server = fault_bucket.server
     result = tmp_path / "result.json"
     params = {
-        # A 2-CPU head holds one actor (1 CPU) beside a decode task, so the second actor runs on the worker node.
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 2,
+        # A 3-CPU head: after the kill it holds both actors and a prepare task (a fixed pool of 2 needs that).
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 3,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
