@@ -28,9 +28,9 @@ end (the object store or an actor: memory that grows with the image). The prepar
 decoded image (it cuts the windows from it), so it cuts them once per pass, one batch at a time: its memory
 stays the decoded image + one batch's activations + the weights, and no window crosses a process for the
 passes. Fault tolerance comes for free: the passes are part of the prepare task, which Ray Data retries
-whole; nothing of them lives on an actor that can die. The cost: the passes run on the prepare task's CPU,
-not on the actors' GPUs (on a GPU cluster they take ``n_blocks`` forward passes of the first block group per
-window on a CPU; ``tiling.statistics = "tile"`` avoids them).
+whole; nothing of them lives on an actor that can die. The cost: the passes (up to ``n_blocks`` of them
+over the image's windows) run on the prepare task's CPU, not on the actors' GPUs; ``tiling.statistics =
+"tile"`` avoids them.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from pipeline.lease import Lease, hold_lease
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.provenance import now_utc, software_versions
 from pipeline.publish import publish_run
-from pipeline.sources import ImageRef, Rejected, expand, iter_targz, list_members, normalize_url
+from pipeline.sources import ImageRef, Kind, Rejected, expand, iter_targz, list_members, normalize_url
 from pipeline.statistics import needs_global
 from pipeline.tiling import extract_window
 from pipeline.tracking import BatchRecord, CompletionTracker, ImageDone, PreparedBatch
@@ -264,7 +264,7 @@ class WorkPlan:
     previous: dict[str, CatalogRow]
 
 
-def plan_work(ctx: JobContext, found: list[tuple[str, str]], unconverted: list[Rejected]) -> WorkPlan:
+def plan_work(ctx: JobContext, found: Sequence[tuple[str, Kind]], unconverted: Sequence[Rejected]) -> WorkPlan:
     """The run's work: tar and zip archives listed in parallel Ray tasks (headers / central directory
     only); ``.tar.gz`` archives left whole, to be streamed once; every input planned against the output's
     catalog (issue 12), so unchanged inputs are skipped without being read."""
