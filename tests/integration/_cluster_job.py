@@ -196,7 +196,7 @@ def _trace_autoscaler(t0: float) -> list[list[object]]:
     def traced(self, actor_pool, op, op_state):  # type: ignore[no-untyped-def]
         req = inner(self, actor_pool, op, op_state)
         reason = re.sub(r"[0-9.]+", "#", req.reason or "")
-        if not out or out[-1][3] != reason or req.delta:
+        if not out or out[-1][3] != reason or out[-1][1] != actor_pool.current_size():
             out.append([round(time.perf_counter() - t0, 2), actor_pool.current_size(), req.delta, reason])
         return req
 

@@ -145,7 +145,9 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     result = tmp_path / "result.json"
     params = {
         # A 3-CPU head: after the kill it holds both actors and a prepare task (a fixed pool of 2 needs that).
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 3,
+        # The kill comes 5 s after the worker's actor starts computing: with 1 s, on the loaded box (load 23)
+        # it had finished no batch by the kill (inference on 1 node), and the test wants both nodes to have.
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 5.0, "head_cpus": 3,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
