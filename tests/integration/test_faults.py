@@ -183,7 +183,10 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
 
     server = fault_bucket.server
     result = tmp_path / "result.json"
-    ray = {"actors": 1, "min_actors": 1, "max_actors": 2, "num_cpus_per_actor": 0.75, "decode_num_cpus": 0.25}
+    # max_images_in_flight 8 (not part of the fingerprint): with 2, the prepare stage (decode and statistics
+    # passes) was the bottleneck, the one actor never had more than its 2 calls queued, and Ray Data's
+    # autoscaler (which grows at 1.75 × its concurrency) rightly saw no need for a second actor.
+    ray = {"actors": 1, "min_actors": 1, "max_actors": 2, "num_cpus_per_actor": 0.75, "decode_num_cpus": 0.25, "max_images_in_flight": 8}
     params = {
         "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 1,
         "head_cpus": 1, "worker_cpus": 1,
