@@ -97,6 +97,13 @@ def main() -> None:
         t0 = time.perf_counter()
         while not stop.is_set() and not on_worker(fh.PREDICT_TITLE):
             stop.wait(0.05)
+        # Ray Data returns an actor task's records when the task (a block: one image's batches) ends, so a
+        # worker that is computing may have returned nothing yet: wait until a cube it wrote is complete.
+        worker_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head_id)
+        out = Path(params["s3_root"]) / params["spec"]["output"].removeprefix("s3://") / "cubes.zarr"
+        while not stop.is_set() and not _completed_on(out, worker_id):
+            stop.wait(0.2)
+        log["worker_cube_complete_s"] = round(time.perf_counter() - t0, 2)
         stop.wait(params["kill_after"])
         while not stop.is_set() and not on_worker(fh.PREDICT_TITLE):  # strike mid-batch
             stop.wait(0.01)
@@ -151,6 +158,17 @@ def main() -> None:
     server.stop()
 
 
+def _completed_on(cubes: Path, node_id: str) -> bool:
+    """Whether a complete group's provenance names ``node_id`` among its workers (``node:<id>``)."""
+    for group in fh.complete_groups_local(cubes):
+        try:
+            if f"node:{node_id}" in (cubes / group / "zarr.json").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _actors() -> list[dict[str, object]]:
     """Every actor as the GCS knows it: class, node (8 hex digits), state, restarts. (Ray's state API needs
     the dashboard, which this cluster runs without; the GCS table is what it reads from.)"""
@@ -173,7 +191,9 @@ def _diagnose(path: Path, decisions: list[list[object]], stop: threading.Event, 
         try:
             state = {
                 "t_s": round(time.perf_counter() - t0, 1),
-                "nodes": [{"id": n["NodeID"][:8], "alive": n["Alive"], "cpu": n["Resources"].get("CPU")} for n in ray.nodes()],
+                "nodes": [
+                    {"id": n["NodeID"][:8], "alive": n["Alive"], "cpu": n["Resources"].get("CPU")} for n in ray.nodes()
+                ],
                 "available": ray.available_resources(),
                 "actors": _actors(),
                 "autoscaler": decisions[-20:],

@@ -145,9 +145,9 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     result = tmp_path / "result.json"
     params = {
         # A 3-CPU head: after the kill it holds both actors and a prepare task (a fixed pool of 2 needs that).
-        # The kill comes 5 s after the worker's actor starts computing: with 1 s, on the loaded box (load 23)
-        # it had finished no batch by the kill (inference on 1 node), and the test wants both nodes to have.
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 5.0, "head_cpus": 3,
+        # The kill comes 1 s after a cube the worker's actor computed is complete (with "1 s after it starts
+        # computing", on the loaded box its first block of records had not come back: inference on 1 node).
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 3,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
@@ -186,7 +186,14 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
     # max_images_in_flight 8 (not part of the fingerprint): with 2, the prepare stage (decode and statistics
     # passes) was the bottleneck, the one actor never had more than its 2 calls queued, and Ray Data's
     # autoscaler (which grows at 1.75 × its concurrency) rightly saw no need for a second actor.
-    ray = {"actors": 1, "min_actors": 1, "max_actors": 2, "num_cpus_per_actor": 0.75, "decode_num_cpus": 0.25, "max_images_in_flight": 8}
+    ray = {
+        "actors": 1,
+        "min_actors": 1,
+        "max_actors": 2,
+        "num_cpus_per_actor": 0.75,
+        "decode_num_cpus": 0.25,
+        "max_images_in_flight": 8,
+    }
     params = {
         "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 1,
         "head_cpus": 1, "worker_cpus": 1,
