@@ -150,22 +150,24 @@ def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..
         def write(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
             arr = cubes._open_cube(store, path)
             quant = cubes.Quantiser.from_attributes(arr.attrs)
-            blobs = [(k, encode(quant, b, arr.chunks)) for k, b in cubes._chunk_blocks(arr, path, regions)]
-            sync(cubes._put(store, blobs))
+            blobs = {k: encode(quant, b, arr.chunks) for k, b in cubes._chunk_blocks(arr, regions)}
+            sync(cubes._put(store, cubes._objects(arr, path, blobs)))
 
         return write
 
-    def device_share(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> list[Any]:
+    def device_share(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> tuple[Any, list[Any]]:
         import torch
 
         arr = cubes._open_cube(store, path)
         quant = cubes.Quantiser.from_attributes(arr.attrs)
         tensors = [(y, x, torch.from_numpy(np.ascontiguousarray(d))) for y, x, d in regions]
-        return list(cubes._device_residuals(arr, quant, path, tensors))
+        return arr, list(cubes._device_residuals(arr, quant, path, tensors))
 
-    def host_share(store: Any, path: str, chunks: list[tuple[str, np.ndarray]]) -> None:
+    def host_share(store: Any, path: str, prepared: tuple[Any, list[tuple[tuple[int, int], np.ndarray]]]) -> None:
+        arr, chunks = prepared
         pool = cubes._encode_pool(1)
-        sync(cubes._put(store, list(pool.map(lambda kv: (kv[0], cubes.compress_residual(kv[1])), chunks))))
+        encoded = dict(pool.map(lambda kv: (kv[0], cubes.compress_residual(kv[1])), chunks))
+        sync(cubes._put(store, cubes._objects(arr, path, encoded)))
 
     def torch_regions(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
         import torch
