@@ -17,6 +17,7 @@ wrapping in the integer type: exactly what zarr's ``transpose, numcodecs.delta, 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,9 @@ def fused_residual(block: np.ndarray, scale: float, bound: float, band: np.ndarr
 def _fused_kernel() -> Callable[..., bool] | None:
     try:
         import numba
-    except ImportError:
+    except Exception as exc:  # not installed; or broken, e.g. a MagicMock scipy (colour-science's stand-in)
+        if not isinstance(exc, ImportError):
+            logging.getLogger(__name__).warning("numba unusable (%s); encoding with numpy", exc)
         return None
 
     def kernel(flat, sb, sy, nb, h, w, scale, bound, band, out):
