@@ -300,10 +300,20 @@ def test_device_path_refuses_unstorable_values(tmp_path, device, bad: float) -> 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "size,tiling,chunks",
+    [
+        ((40, 52), {"max_tile_pixels": 16, "tile_core": 16, "halo": 4, "statistics": "tile"}, 5 * 7),
+        ((37, 50), {}, 5 * 7),  # run whole, reflect-padded to 40 × 52 by the model's "pad" pass
+        ((40, 48), {}, 5 * 6),  # run whole, no padding
+    ],
+    ids=["tiled", "whole-padded", "whole"],
+)
+def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device, size, tiling, chunks) -> None:  # type: ignore[no-untyped-def]
     """The actor's GPU path (model output kept on the device, quantised and predicted there, int16 copied
-    back) stores the same chunks as the host path, on tiled batches; run on CPU it checks the wiring, on
-    CUDA the device arithmetic too (both encoders see the same device's model output)."""
+    back) stores the same chunks as the host path, on tiled batches and on images run whole; run on CPU
+    it checks the wiring, on CUDA the device arithmetic too (both encoders see the same device's model
+    output)."""
     from PIL import Image
 
     from drcr_model.weights import untrained_demo_weights
@@ -311,7 +321,7 @@ def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) ->
     from pipeline.work import JobContext, Predictor, prepare_image
 
     img = tmp_path / "a.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (*size, 3), dtype=np.uint8)).save(img)
     weights = untrained_demo_weights(tmp_path / "w").to_record()
     files = []
     for on_device in (False, True):
@@ -321,15 +331,17 @@ def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) ->
                 "inputs": [str(img)],
                 "output": str(out),
                 "inference": {"device": device},
-                "tiling": {"max_tile_pixels": 16, "tile_core": 16, "halo": 4, "statistics": "tile"},
+                "tiling": tiling,
                 "output_options": {"chunk": 8},
             }
         )
         ctx = JobContext(spec=spec, weights=weights, fingerprint="f", run_id="r")
         meta, *windows = prepare_image(ctx, ImageRef(source=str(img), member=None, kind="file"))
-        assert len(meta.tiles) > 1  # type: ignore[union-attr]
+        assert (len(meta.tiles) > 1) is bool(tiling)  # type: ignore[union-attr]
         predictor = Predictor(ctx, device=device, encode_on_device=on_device)
         assert predictor._device_encode is on_device
+        _, tensors = predictor._compute_batch(meta.scale, meta.tiles, windows)  # type: ignore[union-attr, arg-type]
+        assert (tensors is not None) is on_device  # the device path ran, tiled or whole
         predictor.run(meta.group, meta.scale, meta.tiles, windows)  # type: ignore[union-attr, arg-type]
         files.append(_chunk_files(out / "cubes.zarr" / meta.group / "cube"))  # type: ignore[union-attr]
-    assert len(files[0]) == 5 * 7 and files[0] == files[1]
+    assert len(files[0]) == chunks and files[0] == files[1]
