@@ -38,8 +38,9 @@ class OutOfRange(ValueError):
 
 
 def fused_available() -> bool:
-    """Whether :func:`fused_residual` can run (numba imports); compiles it on the first call (or loads
-    it from numba's cache: ``pipeline/__pycache__``, else numba's per-user cache directory)."""
+    """Whether :func:`fused_residual` can run (numba imports). Its kernel compiles on its first call in a
+    process (seconds), or loads from numba's cache (``pipeline/__pycache__``, else numba's per-user cache
+    directory; a fraction of a second)."""
     return _fused_kernel() is not None
 
 
@@ -88,23 +89,32 @@ def _fused_kernel() -> Callable[..., bool] | None:
         prev_q = 0  # the previous band's last quantised value
         prev_d = 0  # the delta along y of the value before (module docstring: d)
         for b in range(nb):
-            for y in range(h):
-                row = flat[b * sb + y * sy : b * sb + y * sy + w]
-                q = band[y]
-                ok = True
-                for x in range(w):
-                    t = row[x] * scale  # float32 · float32, as numpy's multiply
-                    ok &= abs(t) <= bound  # NaN fails; no branch, so the loop vectorises
-                    q[x] = np.rint(t)  # exact: within the integer type once ok (checked below)
-                if not ok:
-                    return False
-                last = q[w - 1]
-                for x in range(w, cx):  # pad: repeat the last column
-                    q[x] = last
-            for y in range(h, cy):  # pad: repeat the last row
-                band[y, :] = band[h - 1, :]
             r = out[b]
-            # Row 0's deltas along y follow the band's last row (d's flattened (band, x, y) order).
+            for y in range(cy):
+                if y < h:
+                    row = flat[b * sb + y * sy : b * sb + y * sy + w]
+                    q = band[y]
+                    ok = True
+                    for x in range(w):
+                        t = row[x] * scale  # float32 · float32, as numpy's multiply
+                        ok &= abs(t) <= bound  # NaN fails; no branch, so the loop vectorises
+                        q[x] = np.rint(t)  # exact: within the integer type once ok (checked below)
+                    if not ok:
+                        return False
+                    last = q[w - 1]
+                    for x in range(w, cx):  # pad: repeat the last column
+                        q[x] = last
+                else:  # pad: repeat the last row
+                    band[y, :] = band[h - 1, :]
+                # The row's residuals while it is in cache (and the next row's floats on their way):
+                # the planar predictor's, wrapping in the type on the store.
+                if y >= 1:
+                    for x in range(1, cx):
+                        r[y, x] = band[y, x] - band[y - 1, x] - band[y, x - 1] + band[y - 1, x - 1]
+                    if y >= 2:
+                        r[y, 0] = (band[y, 0] - band[y - 1, 0]) - (band[y - 1, cx - 1] - band[y - 2, cx - 1])
+            # Row 0's deltas along y follow the band's last row (d's flattened (band, x, y) order), and
+            # r[1, 0] follows row 0's last delta.
             d = band[0, 0] - prev_q
             r[0, 0] = d - prev_d
             prev_d = d
@@ -112,11 +122,9 @@ def _fused_kernel() -> Callable[..., bool] | None:
                 d = band[0, x] - band[cy - 1, x - 1]
                 r[0, x] = d - prev_d
                 prev_d = d
-            for y in range(1, cy):
-                r[y, 0] = (band[y, 0] - band[y - 1, 0]) - prev_d
-                for x in range(1, cx):  # the planar predictor's residual; wraps in the type on the store
-                    r[y, x] = band[y, x] - band[y - 1, x] - band[y, x - 1] + band[y - 1, x - 1]
-                prev_d = band[y, cx - 1] - band[y - 1, cx - 1]
+            if cy >= 2:
+                r[1, 0] = (band[1, 0] - band[0, 0]) - prev_d
+                prev_d = band[cy - 1, cx - 1] - band[cy - 2, cx - 1]
             prev_q = band[cy - 1, cx - 1]
         return True
 
