@@ -76,6 +76,7 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "warm_encoder",
     "shard_shape",
     "stored_objects",
     "assemble_shard",
@@ -308,6 +309,14 @@ def _residual(block: np.ndarray, quant: Quantiser, shape: tuple[int, ...], bound
 _COMPRESSOR = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
 """Called from the encode pool's threads only, so numcodecs takes blosc's single-threaded context
 call: blosc's own thread pool (numcodecs' choice in the main thread) costs more CPU per chunk."""
+
+
+def warm_encoder(spec: OutputSpec) -> None:
+    """Compile (or load from numba's cache) the host encoder for the spec's integer type now, so that a
+    predictor's first write does not wait seconds for it; a no-op for float cubes or without numba."""
+    quant = quantiser_for(spec)
+    if quant is not None and _fused():
+        _residual(np.zeros((1, 1, 1), np.float32), quant, (1, 1, 1), math.inf)
 
 
 def compress_residual(residual: np.ndarray) -> bytes:

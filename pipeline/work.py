@@ -291,6 +291,8 @@ class Predictor:
         # default on CUDA only (on a CPU device numpy does it faster, README "Error-bounded cubes").
         on_device = self.device.type == "cuda" if encode_on_device is None else encode_on_device
         self._device_encode = on_device and ctx.spec.output_options.max_error > 0
+        if not self._device_encode:
+            cubes.warm_encoder(ctx.spec.output_options)  # numba compiles here, not in the first write
         self._stream: Any = None
         self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
         if self._heap_bounded:

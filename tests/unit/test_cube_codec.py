@@ -168,6 +168,23 @@ def test_fused_encoder_gives_numpys_integers(shape, chunk, max_error: float) -> 
         residuals.chunk_residual(bad, q.scale, bound, bufs)
 
 
+@NUMBA
+def test_warm_encoder_compiles_the_kernel_for_the_specs_type() -> None:
+    kernel = residuals._fused_kernel()
+    before = len(kernel.signatures)
+    cubes.warm_encoder(OutputSpec(max_error=0))  # float16 cube: nothing to compile
+    assert len(kernel.signatures) == before
+    for max_error, dtype in ((5e-4, np.int16), (1e-5, np.int32)):
+        cubes.warm_encoder(OutputSpec(max_error=max_error))
+        assert any(sig[-1].dtype == numba_type(dtype) for sig in kernel.signatures)
+
+
+def numba_type(dtype):  # type: ignore[no-untyped-def]
+    import numba
+
+    return numba.from_dtype(np.dtype(dtype))
+
+
 def test_misaligned_region_is_a_programming_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = cubes.open_cubes(str(tmp_path))
     cubes.create_cube(store, "g", height=16, width=16, bands_nm=BANDS, spec=OutputSpec(chunk=8), provenance={})
