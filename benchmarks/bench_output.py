@@ -12,11 +12,14 @@ process during the writes (every thread counted), so it holds on a loaded machin
 megapixels / wall time. The max error is measured after decoding with zarr, against the float32 output.
 Two stock-codec alternatives (a delta across bands + blosc, and pcodec when installed) are written by
 zarr's own encoder for comparison. Encoder variants at 5e-4: our 2 threads; blosc called from the
-writing thread (numcodecs then uses blosc's own threads); the previous encoder (whole-chunk numpy
-passes); the torch path run on this CPU (everything counted); and the GPU path's host share: the
+writing thread (numcodecs then uses blosc's own threads); numpy's band slabs (the encoder where numba
+is not installed, the same bytes as numba's one pass, the default); the torch path run on this CPU
+(everything counted); and the GPU path's host share: the
 int16 residual chunks the device would copy back are computed before the timer (torch, here on the CPU),
 the timer covers blosc + store, which is what an actor's CPUs do when its device quantises and predicts.
 A second table compresses the same residual chunks with other stock compressors (compress only).
+numba's compile time is measured apart (a fresh process and cache directory, then a second process
+that loads the cached code) and the kernel is compiled before any timer.
 
     .venv/bin/python benchmarks/bench_output.py [--size 512] [--count 3] [--reps 3]
 """
@@ -87,37 +90,6 @@ def _stock_array(
     )
 
 
-def _previous_encode(quant: Any, block: np.ndarray, chunk_shape: tuple[int, ...]) -> bytes:
-    """The encoder before issue 17's speed work, for comparison: whole-chunk numpy passes (the float32
-    scratch is 8 MB, out of cache) and blosc called from the writing thread (numcodecs then uses blosc's
-    own thread pool)."""
-    import numcodecs
-
-    from pipeline import cubes
-
-    shape = tuple(chunk_shape)
-    f, q, d, r = (np.empty(shape, np.float32), *(np.empty(shape, quant.dtype) for _ in range(3)))
-    _, h, w = block.shape
-    t = f[:, :h, :w]
-    np.multiply(block, np.float32(quant.scale), out=t)
-    bound = quant.limit * quant.scale
-    if not (float(t.min()) >= -bound and float(t.max()) <= bound):
-        cubes._check_range(quant, block, "bench")
-    np.rint(t, out=t)
-    np.copyto(q[:, :h, :w], t, casting="unsafe")
-    q[:, :h, w:] = q[:, :h, w - 1 : w]
-    q[:, h:, :] = q[:, h - 1 : h, :]
-    np.subtract(q[:, 1:, :], q[:, :-1, :], out=d[:, 1:, :])
-    np.subtract(q[:, 0, 1:], q[:, -1, :-1], out=d[:, 0, 1:])
-    np.subtract(q[1:, 0, 0], q[:-1, -1, -1], out=d[1:, 0, 0])
-    d[0, 0, 0] = q[0, 0, 0]
-    flat, out = d.reshape(-1), r.reshape(-1)
-    out[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=out[1:])
-    codec = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **cubes._BLOSC)
-    return bytes(codec.encode(r))
-
-
 def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..., None], Callable[..., Any] | None]]:
     """``(label, max error, create(store, path, shape), write(store, path, regions), prepare)`` per storage;
     ``prepare(store, path, regions)``, when there is one, runs before the timer and its result is what
@@ -169,6 +141,13 @@ def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..
         encoded = dict(pool.map(lambda kv: (kv[0], cubes.compress_residual(kv[1])), chunks))
         sync(cubes._put(store, cubes._objects(arr, path, encoded)))
 
+    def numpy_slabs(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
+        cubes.FUSED = False
+        try:
+            cubes.write_regions(store, path, regions)
+        finally:
+            cubes.FUSED = None
+
     def torch_regions(store: Any, path: str, regions: list[tuple[int, int, np.ndarray]]) -> None:
         import torch
 
@@ -199,13 +178,7 @@ def cases(chunk: int) -> list[tuple[str, float, Callable[..., None], Callable[..
             in_caller(cubes.encode_chunk),
             None,
         ),
-        (
-            "5e-4, previous encoder (whole-chunk passes, blosc's threads)",
-            5e-4,
-            create_for(5e-4),
-            in_caller(_previous_encode),
-            None,
-        ),
+        ("5e-4, numpy band slabs (no numba)", 5e-4, create_for(5e-4), numpy_slabs, None),
         ("5e-4, torch path on this CPU (device = host: all counted)", 5e-4, create_for(5e-4), torch_regions, None),
         *(
             (
@@ -252,6 +225,14 @@ COMPRESSORS: list[tuple[str, dict[str, Any]]] = [
     ("blosc zstd-1 bitshuffle 2 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 21}),
     ("blosc zstd-3 bitshuffle 1 MiB blocks", {"cname": "zstd", "clevel": 3, "shuffle": 2, "blocksize": 1 << 20}),
     ("blosc zstd-1 byte shuffle 1 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": 1, "blocksize": 1 << 20}),
+    (
+        "blosc zstd-1 bitshuffle 1 MiB blocks, typesize 1",
+        {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 20, "typesize": 1},
+    ),
+    (
+        "blosc zstd-1 bitshuffle 1 MiB blocks, typesize 4",
+        {"cname": "zstd", "clevel": 1, "shuffle": 2, "blocksize": 1 << 20, "typesize": 4},
+    ),
     ("blosc lz4-1 bitshuffle", {"cname": "lz4", "clevel": 1, "shuffle": 2, "blocksize": 1 << 16}),
     ("blosc lz4-5 bitshuffle", {"cname": "lz4", "clevel": 5, "shuffle": 2, "blocksize": 1 << 16}),
     ("blosc lz4-1 byte shuffle", {"cname": "lz4", "clevel": 1, "shuffle": 1, "blocksize": 1 << 18}),
@@ -262,7 +243,9 @@ COMPRESSORS: list[tuple[str, dict[str, Any]]] = [
         {"cname": "lz4", "clevel": 1, "shuffle": 2, "blocksize": 1 << 16, "then": -1},
     ),
 ]
-"""Compressors of the same int16 residual chunks (stock codecs all: zarr's ``blosc`` and ``zstd``)."""
+"""Compressors of the same int16 residual chunks (stock codecs all: zarr's ``blosc`` and ``zstd``). A
+``typesize`` other than the integers' 2 bytes shuffles their bits in other groups; blosc records it in
+each chunk's header, so readers decode any of them."""
 
 
 def compressor_rows(data: dict[str, list[np.ndarray]], chunk: int, reps: int) -> list[str]:
@@ -272,15 +255,14 @@ def compressor_rows(data: dict[str, list[np.ndarray]], chunk: int, reps: int) ->
 
     import numcodecs
 
-    from pipeline import cubes, residuals
+    from pipeline import cubes
 
     quant = cubes.Quantiser(max_error=5e-4)
     chunks: dict[str, list[np.ndarray]] = {}
     for kind, cubes_ in data.items():
         shape = (cubes_[0].shape[0], chunk, chunk)
-        bufs = cubes._buffers(shape, quant.dtype)
         chunks[kind] = [
-            residuals.chunk_residual(c[:, y : y + chunk, x : x + chunk], quant.scale, np.inf, bufs).copy()
+            cubes._residual(c[:, y : y + chunk, x : x + chunk], quant, shape, np.inf).copy()
             for c in cubes_
             for y in range(0, c.shape[1], chunk)
             for x in range(0, c.shape[2], chunk)
@@ -289,30 +271,63 @@ def compressor_rows(data: dict[str, list[np.ndarray]], chunk: int, reps: int) ->
     for label, opts in COMPRESSORS:
         opts = dict(opts)
         then = opts.pop("then", None)
-        codecs.append((label, numcodecs.Blosc(**opts), numcodecs.Zstd(level=then) if then is not None else None))
+        typesize = opts.pop("typesize", 2)
+        second = numcodecs.Zstd(level=then) if then is not None else None
+        codecs.append((label, numcodecs.Blosc(**opts), second, typesize))
 
-    def encode(r: np.ndarray, codec: Any, second: Any) -> bytes:
-        blob = codec.encode(r)
+    def encode(r: np.ndarray, codec: Any, second: Any, typesize: int) -> bytes:
+        blob = codec.encode(r.view(f"V{typesize}") if typesize != r.itemsize else r)
         return second.encode(blob) if second is not None else blob
 
     times: dict[tuple[str, str], list[float]] = {}
     sizes: dict[tuple[str, str], int] = {}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # not the main thread: blosc's context call
         for _ in range(reps):  # in turn across compressors, as measure_all
-            for label, codec, second in codecs:
+            for label, codec, second, typesize in codecs:
                 for kind, rs in chunks.items():
                     c0 = time.process_time()
-                    blobs = list(pool.map(lambda r, c=codec, z=second: encode(r, c, z), rs))
+                    blobs = list(pool.map(lambda r, c=codec, z=second, t=typesize: encode(r, c, z, t), rs))
                     times.setdefault((label, kind), []).append(time.process_time() - c0)
                     sizes[(label, kind)] = sum(map(len, blobs))
     rows = []
-    for label, _, _ in codecs:
+    for label, *_ in codecs:
         cells = []
         for kind, rs in chunks.items():
             mp = len(rs) * chunk * chunk / 1e6
             cells.append(f"{sizes[(label, kind)] / mp / 1e6:.2f} | {mp / statistics.median(times[(label, kind)]):.1f}")
         rows.append(f"| {label} | {' | '.join(cells)} |")
     return rows
+
+
+JIT_PROBE = """
+import time
+import numpy as np
+from pipeline import residuals
+t0 = time.perf_counter()
+assert residuals.fused_available()
+b = np.zeros((31, 256, 256), np.float32)
+residuals.fused_residual(b, 1000.0, 3e4, np.empty((256, 256), np.int16), np.empty((31, 256, 256), np.int16))
+print(time.perf_counter() - t0)
+"""
+
+
+def jit_seconds() -> tuple[float, float]:
+    """Seconds from after ``import pipeline.residuals`` (numba not yet imported) to the end of the first
+    encoded chunk in a new process:
+    with an empty numba cache (compiling), then again with the cache that run left."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="drcr-bench-numba-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        times = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", JIT_PROBE], env=env, cwd=REPO, check=True, capture_output=True, text=True
+                ).stdout
+            )
+            for _ in range(2)
+        ]
+    return times[0], times[1]
 
 
 def du(path: Path) -> int:
@@ -395,8 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
 
+    from pipeline import residuals
+
     load0 = os.getloadavg()
+    # numba first: colour-science (the synthetic scenes) puts a stand-in scipy in sys.modules that numba's
+    # import trips on
+    assert residuals.fused_available(), "numba is not installed: the default rows would time numpy's encoder"
+    compile_s, cached_s = jit_seconds()
     data = {kind: model_cubes(kind, args.count, args.size) for kind in ("scenes", "photos")}
+    c = data["scenes"][0][:, : args.chunk, : args.chunk]  # compiled (or loaded from the cache) before any timer
+    residuals.fused_residual(c, 1.0, np.inf, np.empty(c.shape[1:], np.int16), np.empty(c.shape, np.int16))
     rows, scale_rows = [], []
     storages = cases(args.chunk)
     with tempfile.TemporaryDirectory(prefix="drcr-bench-out-") as tmp:
@@ -442,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| compressor | scenes MB per MP | scenes MP/s per core | photos MB per MP | photos MP/s per core |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print("\n".join(codec_rows))
+    print(
+        f"\nnumba's encoder in a new process, numba's import to the first chunk encoded: {compile_s:.2f} s compiling "
+        f"(empty cache), {cached_s:.2f} s with the cache it left"
+    )
     return 0
 
 

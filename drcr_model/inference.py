@@ -167,6 +167,17 @@ def _run_chw(model: torch.nn.Module, x: np.ndarray, precision: str, channels_las
     return forward(model, x[None], precision=precision, channels_last=channels_last, ensemble=ensemble)[0]
 
 
+def pad_chw(x: np.ndarray) -> np.ndarray:
+    """3×h×w → 3×h'×w', reflect-padded at the bottom and right to multiples of 4 (at least 4): what
+    :func:`reconstruct`'s ``"pad"`` mode runs the model on; its output's ``[:, :h, :w]`` is the cube."""
+    _, h, w = x.shape
+    ph, pw = max(4, -(-h // 4) * 4) - h, max(4, -(-w // 4) * 4) - w
+    if not (ph or pw):
+        return x
+    # numpy's reflect repeats the reflection for pads larger than the image (tiny inputs).
+    return np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+
+
 def reconstruct(
     rgb: np.ndarray,
     model: torch.nn.Module,
@@ -194,12 +205,8 @@ def reconstruct(
     x = (rgb.astype(np.float32) if preprocessed else preprocess(rgb)).transpose(2, 0, 1)
     _, h, w = x.shape
     if mode == "pad":
-        ph, pw = max(4, -(-h // 4) * 4) - h, max(4, -(-w // 4) * 4) - w
-        if ph or pw:
-            # numpy's reflect repeats the reflection for pads larger than the image (tiny inputs).
-            x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
         return np.ascontiguousarray(
-            _run_chw(model, x, precision, channels_last, ensemble)[:, :h, :w].transpose(1, 2, 0)
+            _run_chw(model, pad_chw(x), precision, channels_last, ensemble)[:, :h, :w].transpose(1, 2, 0)
         )
     if h < 4 or w < 4:
         raise ValueError(f"mode='authors' needs an image of at least 4x4, got {h}x{w}; use mode='pad'")

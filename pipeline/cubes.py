@@ -16,8 +16,8 @@ straight to ``ds.to_netcdf()``: ``complete`` is an integer (0/1) and the provena
 With ``output_options.max_error`` > 0 (the default) the cube is error-bounded (:class:`Quantiser`):
 quantised to a step just under ``2 · max_error``, predicted from its upper and left neighbours in each
 band, and blosc-compressed, all as stock zarr v3 + numcodecs codecs, so readers need nothing of ours.
-This module encodes those chunks itself (:mod:`pipeline.residuals`: numpy on the host, or torch on the
-device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
+This module encodes those chunks itself (:mod:`pipeline.residuals`: one numba pass on the host, or
+torch on the device of a tensor region, then blosc on a thread pool) and stores their bytes: about 6x faster than
 zarr's own encoder, which cannot encode this chain at all (its numcodecs filters hand the
 next codec a flat array, so the second transpose fails); zarr decodes it.
 
@@ -76,6 +76,7 @@ __all__ = [
     "codecs_for",
     "Quantiser",
     "encode_chunk",
+    "warm_encoder",
     "shard_shape",
     "stored_objects",
     "assemble_shard",
@@ -277,23 +278,45 @@ def _check_range(quant: Quantiser, block: np.ndarray, where: str) -> None:
 
 _scratch = threading.local()
 
+FUSED: bool | None = None
+"""Encode with :func:`pipeline.residuals.fused_residual` (numba) when true, with the numpy band slabs
+(:func:`pipeline.residuals.chunk_residual`) when false; ``None``: fused where numba is installed. Both
+store the same bytes."""
 
-def _buffers(shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's reusable chunk buffers (a float32 band slab, and ``q``, ``d``, ``r`` of ``dtype``,
-    :func:`pipeline.residuals.chunk_residual`): fresh multi-MB arrays would cost a page fault per 4 KiB
-    on every chunk."""
-    key = (shape, dtype)
+
+def _fused() -> bool:
+    return residuals.fused_available() if FUSED is None else FUSED
+
+
+def _residual(block: np.ndarray, quant: Quantiser, shape: tuple[int, ...], bound: float) -> np.ndarray:
+    """The chunk's integers (:mod:`pipeline.residuals`) in this thread's reusable buffers (fresh
+    multi-MB arrays would cost a page fault per 4 KiB on every chunk); valid until its next call here."""
+    fused = _fused()
+    key = (shape, quant.dtype, fused)
     if getattr(_scratch, "key", None) != key:
         _scratch.key = key
-        slab = (min(residuals._slab_bands(shape), shape[0]), *shape[1:])
-        _scratch.bufs = (np.empty(slab, np.float32), *(np.empty(shape, dtype) for _ in range(3)))
-    bufs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = _scratch.bufs
-    return bufs
+        if fused:
+            _scratch.bufs = (np.empty(shape[1:], quant.dtype), np.empty(shape, quant.dtype))
+        else:
+            slab = (min(residuals._slab_bands(shape), shape[0]), *shape[1:])
+            _scratch.bufs = (np.empty(slab, np.float32), *(np.empty(shape, quant.dtype) for _ in range(3)))
+    bufs = _scratch.bufs
+    if fused:
+        return residuals.fused_residual(block, quant.scale, bound, *bufs)
+    return residuals.chunk_residual(block, quant.scale, bound, bufs)
 
 
 _COMPRESSOR = numcodecs.Blosc(shuffle=numcodecs.Blosc.BITSHUFFLE, **_BLOSC)
 """Called from the encode pool's threads only, so numcodecs takes blosc's single-threaded context
 call: blosc's own thread pool (numcodecs' choice in the main thread) costs more CPU per chunk."""
+
+
+def warm_encoder(spec: OutputSpec) -> None:
+    """Compile (or load from numba's cache) the host encoder for the spec's integer type now, so that a
+    predictor's first write does not wait seconds for it; a no-op for float cubes or without numba."""
+    quant = quantiser_for(spec)
+    if quant is not None and _fused():
+        _residual(np.zeros((1, 1, 1), np.float32), quant, (1, 1, 1), math.inf)
 
 
 def compress_residual(residual: np.ndarray) -> bytes:
@@ -308,13 +331,13 @@ def encode_chunk(quant: Quantiser, block: np.ndarray, chunk_shape: Sequence[int]
     Raises:
         InputError: ``block`` has NaN/inf or values beyond ``quant.limit`` (``where`` names the cube).
     """
-    bufs = _buffers(tuple(chunk_shape), quant.dtype)
+    shape = tuple(chunk_shape)
     try:
-        residual = residuals.chunk_residual(block, quant.scale, quant.limit * quant.scale, bufs)
+        residual = _residual(block, quant, shape, quant.limit * quant.scale)
     except residuals.OutOfRange:
         # |x| ≤ limit can round to |x · scale| a hair past the bound; the integer type's margin holds it.
         _check_range(quant, block, where)
-        residual = residuals.chunk_residual(block, quant.scale, math.inf, bufs)
+        residual = _residual(block, quant, shape, math.inf)
     return compress_residual(residual)
 
 
@@ -399,8 +422,7 @@ def _chunk_residuals(
 ) -> Iterator[tuple[ChunkIndex, np.ndarray]]:
     shape = tuple(arr.chunks)
     for index, block in _chunk_blocks(arr, regions):
-        bufs = _buffers(shape, quant.dtype)
-        yield index, residuals.chunk_residual(block, quant.scale, math.inf, bufs).copy()
+        yield index, _residual(block, quant, shape, math.inf).copy()
 
 
 _EMPTY = np.iinfo(np.uint64).max

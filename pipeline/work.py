@@ -291,6 +291,8 @@ class Predictor:
         # default on CUDA only (on a CPU device numpy does it faster, README "Error-bounded cubes").
         on_device = self.device.type == "cuda" if encode_on_device is None else encode_on_device
         self._device_encode = on_device and ctx.spec.output_options.max_error > 0
+        if not self._device_encode:
+            cubes.warm_encoder(ctx.spec.output_options)  # numba compiles here, not in the first write
         self._stream: Any = None
         self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
         if self._heap_bounded:
@@ -402,7 +404,8 @@ class Predictor:
         self, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
     ) -> tuple[list[np.ndarray], list[Any] | None]:
         """Each tile's core of the model output, bands × core_h × core_w float32; and, on the GPU path
-        (an error-bounded cube on a CUDA device, tiled batches), the same cores as device tensors, which
+        (an error-bounded cube on a CUDA device; an image run whole in ``inference.mode = "pad"`` only),
+        the same cores as device tensors, which
         :func:`pipeline.cubes.write_regions` quantises and predicts there before copying int16 back."""
         outputs = self._compute_outputs(scale, tiles, windows, means)
         if isinstance(outputs, list):
@@ -416,7 +419,7 @@ class Predictor:
         self, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
     ) -> Any:
         """The cores as numpy arrays, or (GPU path) the batch's whole output as a device tensor."""
-        from drcr_model.inference import forward, forward_tensor, reconstruct
+        from drcr_model.inference import forward, forward_tensor, pad_chw, reconstruct
 
         inf = self.ctx.spec.inference
         if inf.stand_in_latency_s > 0:  # benchmark stand-in (config.InferenceSpec): no model, fixed latency
@@ -425,6 +428,16 @@ class Predictor:
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32
+            if self._device_encode and inf.mode == "pad":
+                # The GPU path for an image run whole: reconstruct's "pad" pass (the same input, layout
+                # included, so the same output), kept on the device; the core crop drops the padding.
+                return forward_tensor(
+                    self.model,
+                    pad_chw(x.transpose(2, 0, 1))[None],
+                    precision=inf.precision,
+                    channels_last=inf.channels_last,
+                    ensemble=inf.ensemble,
+                )
             cube = reconstruct(
                 x,
                 self.model,

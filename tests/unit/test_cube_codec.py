@@ -12,12 +12,21 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import cubes
+from pipeline import cubes, residuals
 from pipeline.config import JobSpec, OutputSpec
 from pipeline.errors import ConfigError, InputError
 
 BANDS = list(range(400, 701, 10))
 ERRORS = [1e-5, 6e-5, 1e-4, 5e-4, 1e-3, 0.1]
+NUMBA = pytest.mark.skipif("not __import__('pipeline.residuals').residuals.fused_available()", reason="needs numba")
+
+
+@pytest.fixture(params=[pytest.param("fused", marks=NUMBA), "numpy"])
+def host_encoder(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """The host encoder the writes use: numba's one pass (the default), or numpy's band slabs (where
+    numba is not installed); both must keep the bound, and store the same bytes."""
+    monkeypatch.setattr(cubes, "FUSED", request.param == "fused")
+    return request.param
 
 
 def _round_trip(tmp_path, data: np.ndarray, max_error: float, chunk: int, threads: int = 1) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -58,7 +67,7 @@ def _hostile_values(q: cubes.Quantiser, rng: np.random.Generator, n: int) -> np.
 
 
 @pytest.mark.parametrize("max_error", ERRORS)
-def test_bound_holds_on_hostile_and_random_values(tmp_path, max_error: float) -> None:  # type: ignore[no-untyped-def]
+def test_bound_holds_on_hostile_and_random_values(tmp_path, max_error: float, host_encoder: str) -> None:  # type: ignore[no-untyped-def]
     q = cubes.Quantiser(max_error=max_error)
     rng = np.random.default_rng(int(max_error * 1e6))
     vals = _hostile_values(q, rng, 31 * 20 * 20 // 11 + 1)
@@ -73,13 +82,13 @@ def test_bound_holds_on_hostile_and_random_values(tmp_path, max_error: float) ->
     "shape,chunk",
     [((31, 1, 1), 4), ((31, 1, 9), 4), ((31, 9, 1), 4), ((31, 5, 7), 4), ((31, 33, 17), 16), ((2, 12, 12), 4)],
 )
-def test_bound_holds_for_odd_shapes_and_edge_chunks(tmp_path, shape, chunk) -> None:  # type: ignore[no-untyped-def]
+def test_bound_holds_for_odd_shapes_and_edge_chunks(tmp_path, shape, chunk, host_encoder) -> None:  # type: ignore[no-untyped-def]
     data = np.random.default_rng(1).normal(0.4, 0.3, shape).astype(np.float32)
     back = _round_trip(tmp_path, data, 5e-4, chunk=chunk)
     assert np.abs(back - data).max() <= 5e-4
 
 
-def test_bound_holds_on_model_output_of_scenes_and_photos(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bound_holds_on_model_output_of_scenes_and_photos(tmp_path, host_encoder) -> None:  # type: ignore[no-untyped-def]
     """Real-like cubes: a synthetic scene (measured spectra) and a demo photo through the default weights."""
     from drcr_model.camera import simulate_rgb
     from drcr_model.inference import reconstruct
@@ -108,7 +117,7 @@ def test_threads_write_the_same_bytes(tmp_path) -> None:  # type: ignore[no-unty
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 40.0, -1e30])
-def test_unstorable_values_fail_the_write_and_leave_the_chunk_unwritten(tmp_path, bad: float) -> None:  # type: ignore[no-untyped-def]
+def test_unstorable_values_fail_the_write_and_leave_the_chunk_unwritten(tmp_path, bad: float, host_encoder) -> None:  # type: ignore[no-untyped-def]
     """NaN, ±inf and values beyond the range cannot be stored within the bound: the write raises an
     ``InputError`` naming the cube (the image is recorded as failed, never complete); the chunk stays
     unwritten, so it reads as NaN, never as wrong numbers."""
@@ -123,6 +132,57 @@ def test_unstorable_values_fail_the_write_and_leave_the_chunk_unwritten(tmp_path
     back = zarr.open_array(store, path="a/img/cube", mode="r")[:]
     assert np.isnan(back[:, :, 8:]).all()
     assert cubes.read_status(store, "a/img")["complete"] is False
+
+
+@NUMBA
+@pytest.mark.parametrize("max_error", [5e-5, 5e-4, 0.1])
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [((31, 256, 256), (256, 256)), ((31, 100, 37), (256, 256)), ((31, 1, 1), (4, 4)), ((3, 3, 1), (4, 4)), ((2, 5, 7), (8, 8))],
+)
+def test_fused_encoder_gives_numpys_integers(shape, chunk, max_error: float) -> None:
+    """The one-pass numba encoder and numpy's band slabs give the same integers for every layout the write
+    path hands them: views into a larger region (strided rows and bands), Fortran order, float64, partial
+    (padded) chunks and int32 quantisers; and both refuse a value beyond the range."""
+    q = cubes.Quantiser(max_error=max_error)
+    rng = np.random.default_rng(11)
+    nb, h, w = shape
+    big = rng.permutation(np.resize(_hostile_values(q, rng, 500), nb * (h + 3) * (w + 5))).reshape(nb, h + 3, w + 5)
+    full = (nb, *chunk)
+    slab = (min(residuals._slab_bands(full), nb), *chunk)
+    bufs = (np.empty(slab, np.float32), *(np.empty(full, q.dtype) for _ in range(3)))
+    bound = q.limit * q.scale
+    views = [big[:, 2 : 2 + h, 3 : 3 + w], np.ascontiguousarray(big[:, :h, :w]), np.asfortranarray(big[:, :h, :w])]
+    views.append(big[:, :h, :w].astype(np.float64))
+    for block in views:
+        ref = residuals.chunk_residual(block.astype(np.float32), q.scale, bound, bufs).copy()
+        band, out = np.full(chunk, 7, q.dtype), np.full(full, 7, q.dtype)
+        got = residuals.fused_residual(block, q.scale, bound, band, out)
+        assert got is out and got.dtype == np.dtype(q.dtype)
+        np.testing.assert_array_equal(got, ref)
+    bad = np.ascontiguousarray(big[:, :h, :w])
+    bad[-1, -1, -1] = np.nextafter(np.float32(q.limit * 1.001), np.float32(np.inf))
+    with pytest.raises(residuals.OutOfRange):
+        residuals.fused_residual(bad, q.scale, bound, band, out)
+    with pytest.raises(residuals.OutOfRange):
+        residuals.chunk_residual(bad, q.scale, bound, bufs)
+
+
+@NUMBA
+def test_warm_encoder_compiles_the_kernel_for_the_specs_type() -> None:
+    kernel = residuals._fused_kernel()
+    before = len(kernel.signatures)
+    cubes.warm_encoder(OutputSpec(max_error=0))  # float16 cube: nothing to compile
+    assert len(kernel.signatures) == before
+    for max_error, dtype in ((5e-4, np.int16), (1e-5, np.int32)):
+        cubes.warm_encoder(OutputSpec(max_error=max_error))
+        assert any(sig[-1].dtype == numba_type(dtype) for sig in kernel.signatures)
+
+
+def numba_type(dtype):  # type: ignore[no-untyped-def]
+    import numba
+
+    return numba.from_dtype(np.dtype(dtype))
 
 
 def test_misaligned_region_is_a_programming_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -217,9 +277,9 @@ def _chunk_files(root) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("max_error", [5e-5, 5e-4, 0.1])
 @pytest.mark.parametrize("shape,chunk", [((31, 40, 40), 8), ((31, 33, 17), 16), ((31, 5, 7), 4), ((2, 12, 12), 4)])
-def test_device_residuals_store_the_same_bytes_as_the_host(tmp_path, device, max_error, shape, chunk) -> None:  # type: ignore[no-untyped-def]
+def test_device_residuals_store_the_same_bytes_as_the_host(tmp_path, device, max_error, shape, chunk, host_encoder) -> None:  # type: ignore[no-untyped-def]
     """Tensor regions (quantised and predicted by torch on their device) store exactly the chunks the
-    numpy encoder stores, edge chunks and int32 quantisers (5e-5) included, so the bound tests above hold
+    host encoders (numba's, numpy's) store, edge chunks and int32 quantisers (5e-5) included, so the bound tests above hold
     for them too; and zarr decodes them within the bound."""
     import torch
 
@@ -257,10 +317,20 @@ def test_device_path_refuses_unstorable_values(tmp_path, device, bad: float) -> 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "size,tiling,chunks",
+    [
+        ((40, 52), {"max_tile_pixels": 16, "tile_core": 16, "halo": 4, "statistics": "tile"}, 5 * 7),
+        ((37, 50), {}, 5 * 7),  # run whole, reflect-padded to 40 × 52 by the model's "pad" pass
+        ((40, 48), {}, 5 * 6),  # run whole, no padding
+    ],
+    ids=["tiled", "whole-padded", "whole"],
+)
+def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device, size, tiling, chunks) -> None:  # type: ignore[no-untyped-def]
     """The actor's GPU path (model output kept on the device, quantised and predicted there, int16 copied
-    back) stores the same chunks as the host path, on tiled batches; run on CPU it checks the wiring, on
-    CUDA the device arithmetic too (both encoders see the same device's model output)."""
+    back) stores the same chunks as the host path, on tiled batches and on images run whole; run on CPU
+    it checks the wiring, on CUDA the device arithmetic too (both encoders see the same device's model
+    output)."""
     from PIL import Image
 
     from drcr_model.weights import untrained_demo_weights
@@ -268,7 +338,7 @@ def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) ->
     from pipeline.work import JobContext, Predictor, prepare_image
 
     img = tmp_path / "a.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (*size, 3), dtype=np.uint8)).save(img)
     weights = untrained_demo_weights(tmp_path / "w").to_record()
     files = []
     for on_device in (False, True):
@@ -278,15 +348,17 @@ def test_predictor_device_path_writes_the_host_paths_chunks(tmp_path, device) ->
                 "inputs": [str(img)],
                 "output": str(out),
                 "inference": {"device": device},
-                "tiling": {"max_tile_pixels": 16, "tile_core": 16, "halo": 4, "statistics": "tile"},
+                "tiling": tiling,
                 "output_options": {"chunk": 8},
             }
         )
         ctx = JobContext(spec=spec, weights=weights, fingerprint="f", run_id="r")
         meta, *windows = prepare_image(ctx, ImageRef(source=str(img), member=None, kind="file"))
-        assert len(meta.tiles) > 1  # type: ignore[union-attr]
+        assert (len(meta.tiles) > 1) is bool(tiling)  # type: ignore[union-attr]
         predictor = Predictor(ctx, device=device, encode_on_device=on_device)
         assert predictor._device_encode is on_device
+        _, tensors = predictor._compute_batch(meta.scale, meta.tiles, windows)  # type: ignore[union-attr, arg-type]
+        assert (tensors is not None) is on_device  # the device path ran, tiled or whole
         predictor.run(meta.group, meta.scale, meta.tiles, windows)  # type: ignore[union-attr, arg-type]
         files.append(_chunk_files(out / "cubes.zarr" / meta.group / "cube"))  # type: ignore[union-attr]
-    assert len(files[0]) == 5 * 7 and files[0] == files[1]
+    assert len(files[0]) == chunks and files[0] == files[1]
