@@ -173,16 +173,23 @@ def curve_table(config: TrainConfig, every: int) -> str:
     last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     if not points or int(last["iter"]) != points[-1][0]:
         points.append((int(last["iter"]), str(out / "last.pth")))
-    heldout = heldout_synthetic(**HELDOUT)
+    cache_path = out / "heldout_curve.json"  # values by checkpoint sha256, so a rerun scores only new files
+    cache: dict[str, list[float]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    heldout: dict[str, list[Any]] | None = None
     lines = [
         "| iterations | lr | clean MRAE | clean RMSE | degraded MRAE | degraded RMSE |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for it, source in points:
-        net = DRCRNet(**dataclasses.asdict(config.model))
-        obj, _ = read_checkpoint(source)
-        load_state_dict(net, extract_state_dict(obj, source=source), source=source)
-        values = _heldout_mrae_rmse(net, heldout)
+        obj, sha = read_checkpoint(source)
+        key = f"{sha} {json.dumps(HELDOUT, sort_keys=True)}"
+        if key not in cache:
+            heldout = heldout or heldout_synthetic(**HELDOUT)
+            net = DRCRNet(**dataclasses.asdict(config.model))
+            load_state_dict(net, extract_state_dict(obj, source=source), source=source)
+            cache[key] = _heldout_mrae_rmse(net, heldout)
+            cache_path.write_text(json.dumps(cache, indent=1))
+        values = cache[key]
         lr = poly_lr(config.lr, it, config.max_iter, config.lr_power)
         lines.append(f"| {it} | {lr:.2g} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
         log.info("%s: %s", source, lines[-1])
