@@ -4,6 +4,7 @@
     nice -n 10 python benchmarks/train_default_weights.py --stage train --resume   # continue a stopped run
     python benchmarks/train_default_weights.py --stage export              # reuse runs/default_weights/last.pth
     python benchmarks/train_default_weights.py --stage table               # README "Weights" table from default.json
+    python benchmarks/train_default_weights.py --config JOB --stage curve --every 200   # held-out curve of JOB
     nice -n 10 python benchmarks/train_default_weights.py --config jobs/default_weights_finetune.toml
 
 A job whose ``init_weights`` is another job's ``last.pth`` (``jobs/default_weights_finetune.toml`` starts
@@ -19,6 +20,9 @@ Stages:
    synthetic scenes (clean and degraded input) next to the root-polynomial baselines, write the metrics
    as Parquet + a printed table, and write ``drcr_model/weights/default.json`` (the ``Weights`` record).
 4. ``table``: print the README "Weights" table from ``default.json``.
+5. ``curve``: the held-out MRAE / RMSE (DRCR only, clean and degraded input) of the ``--config`` job's start
+   (its ``init_weights``, when set), of every ``--every``-th checkpoint and of ``last.pth``, as a table;
+   nothing is exported.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from drcr_model.train import TrainConfig, Trainer, make_dataset  # noqa: E402
+from drcr_model.train import TrainConfig, Trainer, make_dataset, poly_lr  # noqa: E402
 
 log = logging.getLogger("train_default_weights")
 
@@ -141,6 +145,57 @@ def stage_export(config: TrainConfig, init: TrainConfig | None) -> None:
     print(table)
 
 
+def _heldout_mrae_rmse(model: torch.nn.Module, heldout: dict[str, list[Any]]) -> list[float]:
+    from drcr_model.evaluate import drcr_predictor
+    from drcr_model.metrics import mrae, rmse
+
+    predict = drcr_predictor(model)
+    values = []
+    for inp in ("clean", "degraded"):
+        recs = [predict(p.rgb) for p in heldout[inp]]
+        values.append(sum(mrae(p.cube, r) for p, r in zip(heldout[inp], recs)) / len(recs))
+        values.append(sum(rmse(p.cube, r) for p, r in zip(heldout[inp], recs)) / len(recs))
+    return values
+
+
+def curve_table(config: TrainConfig, every: int) -> str:
+    """Held-out MRAE / RMSE of a job's checkpoints (every ``every`` iterations, then ``last.pth``)."""
+    from drcr_model.checkpoint import extract_state_dict, load_state_dict, read_checkpoint
+    from drcr_model.evaluate import heldout_synthetic
+    from drcr_model.net import DRCRNet
+
+    out = Path(config.out_dir)
+    points: list[tuple[int, str]] = [(0, config.init_weights)] if config.init_weights else []
+    for ck in sorted(out.glob("checkpoint_*.pth")):
+        it = int(ck.stem.removeprefix("checkpoint_"))
+        if it % every == 0:
+            points.append((it, str(ck)))
+    last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    if not points or int(last["iter"]) != points[-1][0]:
+        points.append((int(last["iter"]), str(out / "last.pth")))
+    cache_path = out / "heldout_curve.json"  # values by checkpoint sha256, so a rerun scores only new files
+    cache: dict[str, list[float]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    heldout: dict[str, list[Any]] | None = None
+    lines = [
+        "| iterations | lr | clean MRAE | clean RMSE | degraded MRAE | degraded RMSE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for it, source in points:
+        obj, sha = read_checkpoint(source)
+        key = f"{sha} {json.dumps(HELDOUT, sort_keys=True)}"
+        if key not in cache:
+            heldout = heldout or heldout_synthetic(**HELDOUT)
+            net = DRCRNet(**dataclasses.asdict(config.model))
+            load_state_dict(net, extract_state_dict(obj, source=source), source=source)
+            cache[key] = _heldout_mrae_rmse(net, heldout)
+            cache_path.write_text(json.dumps(cache, indent=1))
+        values = cache[key]
+        lr = poly_lr(config.lr, it, config.max_iter, config.lr_power)
+        lines.append(f"| {it} | {lr:.2g} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        log.info("%s: %s", source, lines[-1])
+    return "\n".join(lines)
+
+
 def readme_table(record: dict[str, Any]) -> str:
     """The README "Weights" table: held-out metrics of the default weights and both baselines."""
     lines = [
@@ -177,7 +232,8 @@ def main() -> int:
         default=str(REPO / "jobs" / "default_weights.toml"),
         help="the job whose last.pth --config starts from",
     )
-    p.add_argument("--stage", choices=["all", "init", "train", "export", "table"], default="all")
+    p.add_argument("--stage", choices=["all", "init", "train", "export", "table", "curve"], default="all")
+    p.add_argument("--every", type=int, default=200, help="curve: evaluate every this many iterations")
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-time cap for the final job (0: none)")
     p.add_argument("--iterations", type=int, help="override the final job's iterations")
     p.add_argument("--resume", action="store_true", help="continue the final job from its last.pth")
@@ -189,6 +245,10 @@ def main() -> int:
     config = TrainConfig.from_toml(args.config)
     if args.iterations is not None:
         config = dataclasses.replace(config, iterations=args.iterations)
+    if args.stage == "curve":
+        torch.set_num_threads(config.threads or torch.get_num_threads())
+        print(curve_table(config, args.every))
+        return 0
     init = _init_job(config, args.init_config)
     if args.stage in ("all", "init") and init is not None:
         stage_train(init, 0.0)

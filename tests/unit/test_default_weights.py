@@ -78,3 +78,56 @@ def test_record_recipe_is_the_shipped_job() -> None:
     assert mod._init_job(final, mod.REPO / "jobs" / "default_weights.toml") is None
     finetune = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights_finetune.toml")
     assert mod._init_job(finetune, mod.REPO / "jobs" / "default_weights.toml") == final
+
+
+def test_candidate_jobs_chain_to_the_shipped_job() -> None:
+    """Every ``jobs/default_weights_*.toml`` starts from the shipped job's ``last.pth`` (stage ``init``)."""
+    from drcr_model.train import TrainConfig
+
+    mod = _train_default_weights()
+    final = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights.toml")
+    for job in sorted((mod.REPO / "jobs").glob("default_weights_*.toml")):
+        assert mod._init_job(TrainConfig.from_toml(job), mod.REPO / "jobs" / "default_weights.toml") == final, job
+
+
+def test_curve_stage_scores_the_start_every_checkpoint_and_last(tmp_path, monkeypatch) -> None:
+    from drcr_model.evaluate import heldout_synthetic
+    from drcr_model.metrics import mrae
+    from drcr_model.net import DRCRNet
+    from drcr_model.train import DataConfig, ModelConfig, TrainConfig, Trainer, make_dataset
+
+    torch.set_num_threads(1)
+    mod = _train_default_weights()
+    monkeypatch.setattr(mod, "HELDOUT", {"seed": 1000, "n_scenes": 2, "scene_size": 32})
+    base = TrainConfig(
+        model=ModelConfig(channels=8, n_blocks=1),
+        data=DataConfig(n_scenes=2, scene_size=16, patch_size=8, stride=8),
+        lr=1e-2,
+        max_iter=10,
+        iterations=2,
+        batch_size=4,
+        out_dir=str(tmp_path / "init"),
+    )
+    Trainer(base, make_dataset(base)).save(tmp_path / "init" / "last.pth")
+    job = dataclasses.replace(
+        base,
+        init_weights=str(tmp_path / "init" / "last.pth"),
+        iterations=5,
+        checkpoint_every=2,
+        log_every=1,
+        out_dir=str(tmp_path / "job"),
+    )
+    mod.stage_train(job, 0.0)
+    rows = mod.curve_table(job, every=4).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 4", "| 5"]  # start, every 4th, last
+    last = torch.load(tmp_path / "job" / "last.pth", weights_only=True)
+    net = DRCRNet(3, 31, 8, 1)
+    net.load_state_dict(last["state_dict"])
+    net.eval()
+    clean = heldout_synthetic(seed=1000, n_scenes=2, scene_size=32)["clean"]
+    from drcr_model.inference import reconstruct
+
+    with torch.inference_mode():
+        expected = np.mean([mrae(p.cube, reconstruct(p.rgb, net)) for p in clean])
+    assert rows[-1].split(" | ")[2] == f"{expected:.3f}"
+    assert rows[0].split(" | ")[2] != rows[-1].split(" | ")[2]  # training moved the weights
