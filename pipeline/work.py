@@ -32,6 +32,7 @@ __all__ = [
     "JobContext",
     "ImageMeta",
     "prepare_image",
+    "prepare_decoded",
     "Predictor",
     "finish_image",
     "storage_options",
@@ -136,10 +137,26 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
 def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> Iterator[ImageMeta | np.ndarray]:
     """Yield the image's :class:`ImageMeta`, then (status ``run``) each tile's raw window (h×w×3, uint8/16).
 
+    :func:`prepare_decoded`, then the windows cut from the decoder's buffer one at a time (no whole-image
+    array is made). Windows are the raw decoded pixels; the predictor divides them by ``meta.scale`` (the
+    whole image's maximum), so tiles see exactly the whole image's preprocessing.
+    """
+    meta, decoded = prepare_decoded(ctx, ref, data)
+    del data
+    yield meta
+    if decoded is None:
+        return
+    for tile in meta.tiles:
+        yield extract_window(decoded, tile)
+    del decoded
+
+
+def prepare_decoded(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> tuple[ImageMeta, Any]:
+    """The image's :class:`ImageMeta` and its decoded pixels (``None`` unless the status is ``run``).
+
     Reads the bytes (unless given), hashes them, skips the image when its group is complete with the same
-    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. Windows are
-    the raw decoded pixels; the predictor divides them by ``meta.scale`` (the whole image's maximum), so
-    tiles see exactly the whole image's preprocessing.
+    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. The decoded
+    image is the decoder's buffer (:mod:`pipeline.bigdecode`): windows are cropped from it.
     """
     from pipeline.bigdecode import decode_encoded, fetch_encoded
 
@@ -164,8 +181,7 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 meta.status = "skipped"
                 meta.error = "already complete with the same source sha256 and job fingerprint"
                 meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
-                yield meta
-                return
+                return meta, None
         decoded = decode_encoded(encoded, ctx.spec.decode)
         del encoded
         meta.height, meta.width = decoded.height, decoded.width
@@ -199,13 +215,9 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
             )
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
-        yield meta
-        return
+        return meta, None
     meta.decode_s = time.perf_counter() - t0
-    yield meta
-    for tile in meta.tiles:  # windows are cropped from the decoder's buffer: no whole-image array is made
-        yield extract_window(decoded, tile)
-    del decoded
+    return meta, decoded
 
 
 @functools.cache

@@ -94,14 +94,14 @@ class _Killer(threading.Thread):
 
 def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the inference actor's worker process 4 times while it runs a batch: Ray restarts the actor
-    (max_restarts=-1) and retries the lost calls (max_task_retries=3); every image ends ok and identical."""
+    (Ray Data's pool: max_restarts=-1) and retries the lost calls; every image ends ok and identical."""
     from pipeline.execution import run_job
 
     me = os.getpid()
 
     def busy_actor_pids() -> list[int]:
-        # Ray titles a worker "ray::_PredictorActor.run" while it executes run(); ours descend from this process.
-        return [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
+        # Ray titles an actor fh.PREDICT_TITLE while it runs a batch; ours descend from this process.
+        return [p for p in fh.pids_with_title(fh.PREDICT_TITLE) if fh.is_descendant(p, me)]
 
     seen: dict[int, float] = {}
     killed: set[int] = set()
@@ -140,21 +140,21 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     the worker node's process group is SIGKILLed while its actor runs a batch. The GCS marks the node dead,
     the actor restarts on the head, lost tiles are rebuilt from lineage: every image ends ok and identical."""
     import json
-    import subprocess
 
     server = fault_bucket.server
     result = tmp_path / "result.json"
     params = {
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0,
+        # A 3-CPU head: after the kill it holds both actors and a prepare task (a fixed pool of 2 needs that).
+        # The kill comes 1 s after a cube the worker's actor computed is complete (with "1 s after it starts
+        # computing", on the loaded box its first block of records had not come back: inference on 1 node).
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 3,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
     cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
     # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
     # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
-    proc = subprocess.run(
-        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180
-    )
+    proc = fh.run_cluster(cmd, result, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     s = out["summary"]
@@ -167,6 +167,54 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     assert out["worker"] not in out["alive_after"]
     assert server.secret not in proc.stdout + proc.stderr
     counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/node_kill", reference.ref)
+    assert counts == {"ok": fh.N_INPUTS}
+
+
+@pytest.mark.xfail(
+    reason="open (issue 11): Ray Data's autoscaler wanted a second actor but reported no CPU budget until the "
+    "inputs ran out; on the loaded 2-core box the node joined late (77 s of a 98 s job); cubes identical in every run "
+    "(RELIABILITY.md)",
+    strict=False,
+)
+def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An elastic pool (ray.min_actors = 1, ray.max_actors = 2) on a one-CPU head that holds only one actor; a
+    second node joins once the first cubes are complete. Ray Data adds an actor there, so inference runs on
+    both nodes, and every cube is byte-identical to the fault-free 1-actor run's."""
+    import json
+
+    server = fault_bucket.server
+    result = tmp_path / "result.json"
+    # max_images_in_flight 8 (not part of the fingerprint): with 2, the prepare stage (decode and statistics
+    # passes) was the bottleneck, the one actor never had more than its 2 calls queued, and Ray Data's
+    # autoscaler (which grows at 1.75 × its concurrency) rightly saw no need for a second actor.
+    ray = {
+        "actors": 1,
+        "min_actors": 1,
+        "max_actors": 2,
+        "num_cpus_per_actor": 0.75,
+        "decode_num_cpus": 0.25,
+        "max_images_in_flight": 8,
+    }
+    params = {
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 1,
+        "head_cpus": 1, "worker_cpus": 1,
+        "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/grow", fault_bucket.weights, **ray),
+    }  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
+    proc = fh.run_cluster(cmd, result, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(result.read_text())
+    s = out["summary"]
+    server.restart()  # the host's rclone caches directory listings; the namespace's rclone wrote the output
+    print(
+        f"\n[figures] node joins mid-job: {out['kill']}; {out['elapsed_s']:.1f} s; ok={s['ok']}; inference on nodes {len(s['nodes'])}; actors {s['compute'].get('actors')}"
+    )
+    assert out["kill"]["complete_before_join"] < fh.N_INPUTS  # the node joined while work was left
+    progress = [line for line in proc.stderr.splitlines() if "MapBatches(_Predict)" in line or "Actors:" in line]
+    assert out["worker"] in s["nodes"] and out["head"] in s["nodes"], (s, progress[-12:])  # it grew onto the node
+    assert s["pool"]["min_size"] == 1 and s["pool"]["max_size"] == 2
+    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/grow", reference.ref)
     assert counts == {"ok": fh.N_INPUTS}
 
 
@@ -245,7 +293,9 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     )
 
     t1 = time.perf_counter()
-    second = subprocess.run(fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150)
+    second = subprocess.run(
+        fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150
+    )
     rerun = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr[-3000:]
     print(
@@ -263,7 +313,7 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
 
 def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
     """Kill the actor every time it starts running a call, 5 times in a row: the batch in flight (a "poison
-    batch", e.g. a tile that OOMs its worker) exhausts max_task_retries=3. Its image is recorded ``failed``
+    batch", e.g. a tile that OOMs its worker) exhausts its MAX_BATCH_ATTEMPTS = 4 (the first and 3 retries). Its image is recorded ``failed``
     (no completion marker), the job goes on; running the job again redoes exactly the failed images."""
     from pipeline.execution import run_job
 
@@ -274,9 +324,7 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
 
     def kill() -> list[int] | None:
         # A new worker each time (a killed one keeps its title until it is reaped).
-        pids = [
-            p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me) and p not in killed
-        ]
+        pids = [p for p in fh.pids_with_title(fh.PREDICT_TITLE) if fh.is_descendant(p, me) and p not in killed]
         killed.update(pids)
         return pids if fh.sigkill(pids) else None
 
