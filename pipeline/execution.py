@@ -18,19 +18,22 @@ and window bytes never reach the driver; cubes never do. A batch whose actor die
 predictor counts attempts per batch (:class:`_BatchAttempts`) and fails a batch that keeps killing its
 worker (a "poison batch") for its image only.
 
-Global statistics (``tiling.statistics = "global"``, the default) are gathered inside the prepare stage,
-by :func:`pipeline.statistics.gather_statistics` with the model loaded once per prepare worker process, and
-travel with every batch of the image (``PreparedBatch.means``, a few KiB). Why there and not on the
-inference actors, as the hand-written executor did: the passes must see every window of the image, several
-times in sequence, before its first inference batch; in a streaming dataset that is either a cycle between
-stages (which Ray Data has no operator for) or every window of the image held somewhere until the passes
-end (the object store or an actor: memory that grows with the image). The prepare task already holds the
-decoded image (it cuts the windows from it), so it cuts them once per pass, one batch at a time: its memory
-stays the decoded image + one batch's activations + the weights, and no window crosses a process for the
-passes. Fault tolerance comes for free: the passes are part of the prepare task, which Ray Data retries
-whole; nothing of them lives on an actor that can die. The cost: the passes (up to ``n_blocks`` of them
-over the image's windows) run on the prepare task's CPU, not on the actors' GPUs; ``tiling.statistics =
-"tile"`` avoids them.
+Global statistics (``tiling.statistics = "global"``, the default) run on the inference actors, on their
+device, and an image is the unit: prepare sends such an image as one small row (:class:`PreparedImage`:
+its plan and, when it held them in memory, its encoded bytes; no window), and the actor that takes it
+decodes the image again (:func:`pipeline.work.redecode`; past ``decode.stream_pixels`` by region, so its
+memory stays bounded), runs the passes over windows cut per batch, then the image's batches, and returns a
+record per batch. Why this shape: the passes must see every window of the image, several times in
+sequence, before its first inference batch. Spreading them over the pool (as the hand-written executor
+did) needs every window held somewhere until the passes end (memory that grows with the image) and a cycle
+between stages that Ray Data has no operator for; gathering them in prepare runs the heaviest part of a
+tiled image on a CPU, off the GPUs. One actor per image keeps the passes on the pool, needs no window in
+the object store, and keeps every output byte independent of the number of actors: the passes and the
+batches are cut in plan order, ``ray.batch_size`` tiles each, as before. The costs: the image is decoded
+twice (prepare needs its maximum, its size and the cube; decoding is small next to ``n_blocks`` + 1
+passes of the model), and one actor computes a whole image (a pool of several actors works on several
+images at once); an actor lost mid-image redoes the whole image (writes are idempotent). ``tiling.
+statistics = "tile"`` avoids the passes: its images travel as per-image batches of windows.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import pickle
@@ -65,8 +67,17 @@ from pipeline.publish import publish_run
 from pipeline.sources import ImageRef, Kind, Rejected, expand, iter_targz, list_members, normalize_url
 from pipeline.statistics import needs_global
 from pipeline.tiling import extract_window
-from pipeline.tracking import BatchRecord, CompletionTracker, ImageDone, PreparedBatch
-from pipeline.work import ImageMeta, JobContext, Predictor, finish_image, peak_rss, prepare_decoded, storage_options
+from pipeline.tracking import BatchRecord, CompletionTracker, ImageDone, PreparedBatch, PreparedImage
+from pipeline.work import (
+    ImageMeta,
+    JobContext,
+    Predictor,
+    finish_image,
+    peak_rss,
+    prepare_source,
+    redecode,
+    storage_options,
+)
 
 __all__ = [
     "RunSummary",
@@ -389,7 +400,7 @@ def _prepare_rows(row: dict[str, Any], ctx: JobContext) -> Iterator[dict[str, An
         yield {"batch": _pack(batch)}
 
 
-def _targz_batches(ctx: JobContext, url: str) -> Iterator[PreparedBatch]:
+def _targz_batches(ctx: JobContext, url: str) -> Iterator[PreparedBatch | PreparedImage]:
     """Stream a .tar.gz once: each image member's batches, a row per rejected member, and the archive's own
     row if it holds no image or breaks off."""
     rejected: list[Rejected] = []
@@ -416,21 +427,28 @@ def _targz_batches(ctx: JobContext, url: str) -> Iterator[PreparedBatch]:
         yield PreparedBatch(row=_archive_row(url, ctx.run_id, problem), row_key=normalize_url(url))
 
 
-def _image_batches(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> Iterator[PreparedBatch]:
-    """One image's batches (``ray.batch_size`` tiles each, in plan order), or one settled batch.
+def _image_batches(
+    ctx: JobContext, ref: ImageRef, data: bytes | None = None
+) -> Iterator[PreparedBatch | PreparedImage]:
+    """One image's batches (``ray.batch_size`` tiles each, in plan order), one settled batch, or (global
+    statistics) one :class:`PreparedImage`.
 
     Windows are cut from the decoder's buffer one batch at a time (a consumer that stops pulling stops
     the cutting); batch composition depends only on the image and the spec, never on the workers."""
-    meta, decoded = prepare_decoded(ctx, ref, data)
+    meta, decoded, encoded = prepare_source(ctx, ref, data, keep_encoded=True)
     del data
     tiles = meta.tiles
+    size = ctx.spec.ray.batch_size
+    count = -(-len(tiles) // size)
+    if decoded is not None and needs_global(ctx.spec.tiling.statistics, tiles):
+        del decoded  # the actor decodes it again (see the module docstring)
+        yield PreparedImage(meta=meta, count=count, encoded=encoded, peak_rss=peak_rss())
+        return
+    del encoded
     slim = dataclasses.replace(meta, tiles=[])  # each batch carries its own tiles
     if decoded is None:
         yield PreparedBatch(meta=slim, tiles_total=len(tiles), peak_rss=peak_rss())
         return
-    means = _statistics(ctx, meta, decoded)
-    size = ctx.spec.ray.batch_size
-    count = -(-len(tiles) // size)
     for index in range(count):
         chunk = tuple(tiles[index * size : (index + 1) * size])
         windows = tuple(extract_window(decoded, t) for t in chunk)
@@ -441,47 +459,10 @@ def _image_batches(ctx: JobContext, ref: ImageRef, data: bytes | None = None) ->
             tiles_total=len(tiles),
             tiles=chunk,
             windows=windows,
-            means=means,
             peak_rss=peak_rss(),
         )
         del windows
     del decoded
-
-
-def _statistics(ctx: JobContext, meta: ImageMeta, decoded: Any) -> np.ndarray | None:
-    """The image's gathered re-calibration means (``tiling.statistics = "global"``), else ``None``; the
-    passes run here, over windows cut from ``decoded`` one batch at a time (see the module docstring)."""
-    if not needs_global(ctx.spec.tiling.statistics, meta.tiles):
-        return None
-    from pipeline.statistics import gather_statistics
-
-    t0 = time.perf_counter()
-    state = gather_statistics(
-        _statistics_model(ctx),
-        decoded,
-        meta.tiles,
-        scale=meta.scale,
-        batch_size=ctx.spec.ray.batch_size,
-        channels_last=ctx.spec.inference.channels_last,
-    )
-    log.info("%s: statistics gathered in %d passes, %.2f s", meta.ref.name, state.passes, time.perf_counter() - t0)
-    return state.means
-
-
-def _statistics_model(ctx: JobContext) -> Any:
-    return _load_model(_pack(ctx.weights), ctx.spec.inference.channels_last, _pack(ctx.spec.storage))
-
-
-@functools.lru_cache(maxsize=2)
-def _load_model(weights: bytes, channels_last: bool, storage_spec: bytes) -> Any:
-    """The job's model on this worker's CPU, loaded once per process (prepare workers are reused)."""
-    import torch
-
-    from drcr_model import Weights
-
-    opts = storage.resolve_storage_options(_unpack(storage_spec))
-    model = Weights.from_record(_unpack(weights)).load(device=torch.device("cpu"), storage_options=opts)
-    return model.to(memory_format=torch.channels_last) if channels_last else model  # type: ignore[call-overload]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -501,16 +482,81 @@ class _BatchAttempts:
 
 class _Predict:
     """Ray Data's class UDF over the actor pool: one :class:`Predictor` per actor (weights loaded once);
-    each call takes one :class:`PreparedBatch` row, writes its cores and returns one :class:`BatchRecord`."""
+    each call takes one :class:`PreparedBatch` row, writes its cores and returns one :class:`BatchRecord`
+    (or one :class:`PreparedImage` row and returns a record per batch, see :meth:`_image`)."""
 
     def __init__(self, ctx: JobContext, num_cpus: float, predictor: Callable[..., Predictor], attempts: Any) -> None:
+        self.ctx = ctx
         self.predictor = predictor(ctx, num_cpus=num_cpus)
+        # A PreparedImage's batches (see _image): as many in flight as the calls Ray Data runs at once.
+        self.calls = 2 if ctx.spec.ray.overlap_writes else 1
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=self.calls, thread_name_prefix="image")
         self.attempts = attempts
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [self._one(_unpack(b)) for b in rows["batch"]]
+        records: list[BatchRecord] = []
+        for packed in rows["batch"]:
+            b = _unpack(packed)
+            records.extend(self._image(b) if isinstance(b, PreparedImage) else [self._one(b)])
         return {"record": np.array([_pack(r) for r in records], dtype=object)}
+
+    def _image(self, p: PreparedImage) -> list[BatchRecord]:
+        """A :class:`PreparedImage`: decode it again, gather its statistics here (on this actor's device),
+        then run its batches in plan order, two in flight with ``ray.overlap_writes`` (one computes while
+        the other writes, as two calls would); one record per batch. Counted as one attempt per image: an
+        actor lost mid-image restarts the image, and an image that keeps killing its actor fails alone."""
+        meta = p.meta
+        tiles = list(meta.tiles)
+        slim = dataclasses.replace(meta, tiles=[])
+        size = self.ctx.spec.ray.batch_size
+        base = BatchRecord(meta=slim, count=p.count, tiles_total=len(tiles), prepare_peak_rss=p.peak_rss)
+        key = f"{meta.group}#image"
+        try:
+            attempt = ray.get(self.attempts.begin.remote(key))
+        except ray.exceptions.RayError as exc:  # as in _one
+            log.warning("%s: attempt counter unavailable (%s); running the image", meta.ref.name, exc)
+            attempt = 0
+        if attempt > MAX_BATCH_ATTEMPTS:
+            why = f"image of {p.count} batches lost its actor {attempt - 1} times (each attempt killed the worker)"
+            return [dataclasses.replace(base, index=i, error=why) for i in range(p.count)]
+        results: dict[int, dict[str, Any]] = {}
+        error: str | None = None
+        in_flight: collections.deque[tuple[int, concurrent.futures.Future[dict[str, Any]]]] = collections.deque()
+        try:
+            t0 = time.perf_counter()
+            decoded = redecode(self.ctx, meta, p.encoded)
+            means, passes = self.predictor.gather_means(meta.scale, decoded, tiles, size)
+            statistics_s = time.perf_counter() - t0
+            log.info("%s: statistics gathered in %d passes, %.2f s", meta.ref.name, passes, statistics_s)
+            for index in range(p.count):
+                chunk = tiles[index * size : (index + 1) * size]
+                windows = [extract_window(decoded, t) for t in chunk]
+                while len(in_flight) >= self.calls:
+                    i, fut = in_flight.popleft()
+                    results[i] = fut.result()
+                in_flight.append(
+                    (index, self.writer.submit(self.predictor.run, meta.group, meta.scale, chunk, windows, means))
+                )
+                del windows
+            while in_flight:
+                i, fut = in_flight.popleft()
+                results[i] = fut.result()
+            del decoded
+            results[0]["statistics_s"] = statistics_s
+        except Exception as exc:  # decode, passes, model or writes: this image fails, the job goes on
+            error = storage.describe_error(exc)
+            log.warning("%s: failed on the actor: %s", meta.ref.name, error)
+            for _, fut in in_flight:
+                fut.exception()  # let the batches still writing end before the image is settled
+        finally:
+            self.attempts.end.remote(key)
+        return [
+            dataclasses.replace(base, index=i, result=results[i] | {"node": self.node})
+            if i in results and error is None
+            else dataclasses.replace(base, index=i, error=error or "not run")
+            for i in range(p.count)
+        ]
 
     def _one(self, b: PreparedBatch) -> BatchRecord:
         base = BatchRecord(
@@ -537,7 +583,7 @@ class _Predict:
             why = f"batch {b.index} of {b.count} lost its actor {attempt - 1} times (each attempt killed the worker)"
             return dataclasses.replace(base, error=why)
         try:
-            result = self.predictor.run(b.meta.group, b.meta.scale, list(b.tiles), list(b.windows), b.means)
+            result = self.predictor.run(b.meta.group, b.meta.scale, list(b.tiles), list(b.windows))
         except Exception as exc:  # the model or the write failed for this batch: its image fails, the job goes on
             log.warning("%s: batch %d failed: %s", b.meta.ref.name, b.index, storage.describe_error(exc))
             return dataclasses.replace(base, error=storage.describe_error(exc))
@@ -858,7 +904,8 @@ def _manifest_row(ctx: JobContext, done: ImageDone) -> ManifestRow:
         tiles=done.tiles_total,
         decode_s=meta.decode_s,
         # The image's own work (decode, compute, writes), not its wait in the streams.
-        total_s=meta.decode_s + float(sum(r["infer_s"] + r["write_s"] for r in done.results)),
+        total_s=meta.decode_s
+        + float(sum(r["infer_s"] + r["write_s"] + r.get("statistics_s", 0.0) for r in done.results)),
     )
     if meta.status == "run":
         row.infer_s = float(sum(r["infer_s"] for r in done.results))

@@ -20,13 +20,13 @@ from pipeline.manifest import ManifestRow
 from pipeline.tiling import Tile
 from pipeline.work import ImageMeta
 
-__all__ = ["PreparedBatch", "BatchRecord", "ImageDone", "CompletionTracker"]
+__all__ = ["PreparedBatch", "PreparedImage", "BatchRecord", "ImageDone", "CompletionTracker"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreparedBatch:
     """The ``index``-th of an image's ``count`` batches in plan order: its tiles and their raw windows (h×w×3,
-    as decoded) and, with ``tiling.statistics = "global"``, the image's gathered statistics (``means``).
+    as decoded). (An image that needs gathered statistics travels as one :class:`PreparedImage` instead.)
 
     ``count == 0``: nothing to infer: ``meta`` is a skipped or failed image, or ``row`` is the finished
     manifest row of something that is not an image (a rejected member, an unreadable or empty archive),
@@ -42,7 +42,20 @@ class PreparedBatch:
     tiles_total: int = 0
     tiles: tuple[Tile, ...] = ()
     windows: tuple[np.ndarray, ...] = ()
-    means: np.ndarray | None = None
+    peak_rss: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreparedImage:
+    """An image whose tiles need its gathered statistics (``tiling.statistics = "global"``): one row for all
+    its ``count`` batches. The actor that takes it decodes the image again (:func:`pipeline.work.redecode`,
+    from ``encoded`` — the encoded bytes, when prepare held them in memory — or from storage), runs the
+    statistics passes and then the ``count`` batches of ``ray.batch_size`` tiles in plan order, and returns
+    one :class:`BatchRecord` per batch. ``meta.tiles`` is the whole plan. No window travels."""
+
+    meta: ImageMeta
+    count: int
+    encoded: bytes | None = None
     peak_rss: int = 0
 
 
