@@ -140,7 +140,8 @@ class RunSummary:
     and ``actor`` (largest over inference actors, which also write the cubes)."""
     compute: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Model compute of the inference actors (see :func:`compute_stats`): ``batches``, ``busy_s`` (sum of
-    compute times), ``cpu_s`` (CPU time of the computing threads; below ``busy_s`` when the actor was
+    compute times), ``statistics_s`` (the decode and statistics passes of images with gathered statistics,
+    on the actors, before their batches), ``cpu_s`` (CPU time of the computing threads; below ``busy_s`` when the actor was
     descheduled mid-compute), ``span_s`` (first compute start to last compute end, over all actors) and
     ``busy_fraction`` (per actor, compute time ÷ its own first-start-to-last-end span, averaged): the
     share of its steady-state time an actor spent computing rather than waiting for work; ``all_active_s``
@@ -182,6 +183,7 @@ def compute_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
         "actors": len(by_actor),
         "pixels": int(sum(r.get("pixels", 0) for r in spans)),
         "busy_s": float(sum(r["infer_s"] for r in spans)),
+        "statistics_s": float(sum(r.get("statistics_s", 0.0) for r in spans)),
         "cpu_s": float(sum(r.get("infer_cpu_s", 0.0) for r in spans)),
         "first_start": first,
         "last_end": last,

@@ -14,7 +14,7 @@ from pipeline.sample import sample_image
 pytestmark = pytest.mark.integration
 
 
-def _context(tmp_path, ray_section):  # type: ignore[no-untyped-def]
+def _context(tmp_path, ray_section, statistics="global"):  # type: ignore[no-untyped-def]
     from pipeline.execution import resolve_weights
     from pipeline.work import JobContext
 
@@ -26,7 +26,7 @@ def _context(tmp_path, ray_section):  # type: ignore[no-untyped-def]
         {
             "inputs": [str(src)],
             "output": str(tmp_path / "out"),
-            "tiling": {"max_tile_pixels": 1024, "tile_core": 32, "halo": 8},  # 64 tiles
+            "tiling": {"max_tile_pixels": 1024, "tile_core": 32, "halo": 8, "statistics": statistics},  # 64 tiles
             "output_options": {"chunk": 32},
             "ray": ray_section,
         }
@@ -43,7 +43,8 @@ def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local,
     """The prepare stage's output is cut into blocks of about ``BLOCK_BYTES`` (Ray Data's target block size
     for the job), so a prepare task never holds a whole big image's windows to hand over at once, and Ray
     Data's backpressure pauses it block by block. With a block budget below one batch, every batch is a
-    block of its own; with the default, this small image's 32 batches fit one block (the control)."""
+    block of its own; with the default, this small image's 32 batches fit one block (the control).
+    (``tiling.statistics = "tile"``: an image with gathered statistics sends no window, next test.)"""
     import ray.data
 
     from pipeline import execution
@@ -51,7 +52,7 @@ def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local,
     from pipeline.sources import ImageRef
     from pipeline.tracking import PreparedBatch
 
-    spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})
+    spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2}, "tile")
     work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
 
     def blocks() -> list[int]:
@@ -68,6 +69,28 @@ def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local,
     assert blocks() == [1] * 32
     monkeypatch.undo()
     assert blocks() == [32]
+
+
+def test_an_image_with_gathered_statistics_leaves_prepare_as_one_row_without_windows(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """With ``tiling.statistics = "global"`` the actor that takes the image decodes it again and gathers its
+    statistics itself: prepare sends one row, the plan and the encoded bytes it read (no window), whatever
+    the image's size."""
+    import ray.data
+
+    from pipeline import execution
+    from pipeline.execution import ImageTask
+    from pipeline.sources import ImageRef
+    from pipeline.tracking import PreparedImage
+
+    spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})
+    work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
+    ds = ray.data.from_items([{"item": execution._pack(w)} for w in work])
+    rows = [execution._unpack(r["batch"]) for r in ds.flat_map(execution._prepare_rows, fn_args=(ctx,)).iter_rows()]
+    assert len(rows) == 1 and isinstance(rows[0], PreparedImage)
+    image = rows[0]
+    assert (image.count, len(image.meta.tiles)) == (32, 64)
+    with open(path, "rb") as f:
+        assert image.encoded == f.read()  # what prepare read and hashed, not pixels
 
 
 def test_tiled_job_reports_each_process_kinds_peak(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]

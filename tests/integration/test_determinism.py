@@ -26,7 +26,10 @@ def _chunk_digests(root: Path) -> dict[str, str]:
     return out
 
 
-def test_cubes_identical_whatever_the_number_of_actors(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("statistics", ["global", "tile"])
+def test_cubes_identical_whatever_the_number_of_actors(tmp_path, ray_local, statistics) -> None:  # type: ignore[no-untyped-def]
+    """Both ways a tiled image travels: one row per image, its statistics gathered on the actor that takes it
+    (``global``), and per-image batches of windows spread over the pool (``tile``)."""
     from pipeline.execution import run_job
 
     rng = np.random.default_rng(3)
@@ -41,7 +44,7 @@ def test_cubes_identical_whatever_the_number_of_actors(tmp_path, ray_local) -> N
             {
                 "inputs": [str(src)],
                 "output": str(tmp_path / f"out{name}"),
-                "tiling": {"max_tile_pixels": 1600, "tile_core": 16, "halo": 8},
+                "tiling": {"max_tile_pixels": 1600, "tile_core": 16, "halo": 8, "statistics": statistics},
                 "output_options": {"chunk": 16},
                 "ray": pool | {"num_cpus_per_actor": 0.5, "batch_size": 3, "max_images_in_flight": 3},
             }
