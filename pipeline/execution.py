@@ -469,10 +469,12 @@ def _image_batches(
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class _BatchAttempts:
-    """How many times each batch in flight has started; forgets a batch once it returns."""
+    """How many times each batch in flight has started; forgets a batch once it returns. Also keeps the
+    progress of images computed whole in one call (their means and batch results, a few KiB each)."""
 
     def __init__(self) -> None:
         self._started: dict[str, int] = {}
+        self._kept: dict[str, dict[Any, Any]] = {}
 
     def begin(self, key: str) -> int:
         self._started[key] = self._started.get(key, 0) + 1
@@ -480,6 +482,31 @@ class _BatchAttempts:
 
     def end(self, key: str) -> None:
         self._started.pop(key, None)
+
+    # The progress of an image computed in one call (_Predict._image), for a retry of that call.
+    def start(self, image: str, count: int) -> tuple[dict[Any, Any], str | None, int]:
+        """An image's call starts: what is kept of it, its next step (``statistics`` or a batch index) and
+        that step's attempt, begun here."""
+        kept = self._kept.get(image, {})
+        steps = ([] if "means" in kept else ["statistics"]) + [str(i) for i in range(count) if i not in kept]
+        if not steps:
+            return kept, None, 0
+        return kept, steps[0], self.begin(image.removesuffix("#image") + "#" + steps[0])
+
+    def keep(self, image: str, what: Any, value: Any) -> None:
+        self._kept.setdefault(image, {})[what] = value
+
+    def kept(self, image: str) -> dict[Any, Any] | None:
+        return self._kept.get(image)
+
+    def forget(self, image: str) -> None:
+        self._kept.pop(image, None)
+        for key in [k for k in self._started if k.startswith(image.removesuffix("#image") + "#")]:
+            del self._started[key]
+
+
+class _Poisoned(Exception):
+    """A step of an image's call that lost its actor more than ``MAX_BATCH_ATTEMPTS`` times."""
 
 
 class _Predict:
@@ -506,59 +533,87 @@ class _Predict:
     def _image(self, p: PreparedImage) -> list[BatchRecord]:
         """A :class:`PreparedImage`: decode it again, gather its statistics here (on this actor's device),
         then run its batches in plan order, two in flight with ``ray.overlap_writes`` (one computes while
-        the other writes, as two calls would); one record per batch. Counted as one attempt per image: an
-        actor lost mid-image restarts the image, and an image that keeps killing its actor fails alone."""
+        the other writes, as two calls would); one record per batch.
+
+        Its progress (the gathered means, each written batch's result) is kept in the attempt counter
+        (:class:`_BatchAttempts`), so a call retried after its actor died goes on where it stopped, and the
+        statistics and each batch count their own attempts: the step that keeps killing its actor (a
+        "poison batch") fails the image, as a batch row's does."""
         meta = p.meta
         tiles = list(meta.tiles)
         slim = dataclasses.replace(meta, tiles=[])
         size = self.ctx.spec.ray.batch_size
         base = BatchRecord(meta=slim, count=p.count, tiles_total=len(tiles), prepare_peak_rss=p.peak_rss)
-        key = f"{meta.group}#image"
-        try:
-            attempt = ray.get(self.attempts.begin.remote(key))
-        except ray.exceptions.RayError as exc:  # as in _one
-            log.warning("%s: attempt counter unavailable (%s); running the image", meta.ref.name, exc)
-            attempt = 0
-        if attempt > MAX_BATCH_ATTEMPTS:
-            why = f"image of {p.count} batches lost its actor {attempt - 1} times (each attempt killed the worker)"
-            return [dataclasses.replace(base, index=i, error=why) for i in range(p.count)]
-        results: dict[int, dict[str, Any]] = {}
+        image = f"{meta.group}#image"
+        # One round trip before anything else: a kill right after the call starts is counted.
+        started: tuple[dict[Any, Any], str | None, int] = self._ask("start", image, p.count) or ({}, None, 0)
+        kept: dict[Any, Any] = started[0]
+        first: str | None = started[1]
+        attempt: int = started[2]
+        results: dict[int, dict[str, Any]] = {i: r for i, r in kept.items() if isinstance(i, int)}
         error: str | None = None
-        in_flight: collections.deque[tuple[int, concurrent.futures.Future[dict[str, Any]]]] = collections.deque()
+        in_flight: collections.deque[tuple[int, str, concurrent.futures.Future[dict[str, Any]]]] = collections.deque()
+
+        def begin(step: str) -> None:
+            nonlocal first, attempt
+            if step != first:
+                attempt = self._ask("begin", f"{meta.group}#{step}") or 0
+            first = None
+            if attempt > MAX_BATCH_ATTEMPTS:
+                what = "the statistics passes" if step == "statistics" else f"batch {step} of {p.count}"
+                raise _Poisoned(f"{what} lost its actor {attempt - 1} times (each attempt killed the worker)")
+
+        def settle(i: int, key: str, fut: concurrent.futures.Future[dict[str, Any]]) -> None:
+            results[i] = fut.result()
+            self.attempts.keep.remote(image, i, results[i])
+            self.attempts.end.remote(key)
+
+        statistics_s = float(kept.get("statistics_s", 0.0))
         try:
-            t0 = time.perf_counter()
-            decoded = redecode(self.ctx, meta, p.encoded)
-            means, passes = self.predictor.gather_means(meta.scale, decoded, tiles, size)
-            statistics_s = time.perf_counter() - t0
-            log.info("%s: statistics gathered in %d passes, %.2f s", meta.ref.name, passes, statistics_s)
+            decoded = redecode(self.ctx, meta, p.encoded) if len(results) < p.count else None
+            means = kept.get("means")
+            if means is None and decoded is not None:
+                begin("statistics")
+                t0 = time.perf_counter()
+                means, passes = self.predictor.gather_means(meta.scale, decoded, tiles, size)
+                statistics_s = time.perf_counter() - t0
+                log.info("%s: statistics gathered in %d passes, %.2f s", meta.ref.name, passes, statistics_s)
+                self.attempts.keep.remote(image, "means", means)
+                self.attempts.keep.remote(image, "statistics_s", statistics_s)
+                self.attempts.end.remote(f"{meta.group}#statistics")
             for index in range(p.count):
-                chunk = tiles[index * size : (index + 1) * size]
-                windows = [extract_window(decoded, t) for t in chunk]
+                if index in results:
+                    continue
                 while len(in_flight) >= self.calls:
-                    i, fut = in_flight.popleft()
-                    results[i] = fut.result()
-                in_flight.append(
-                    (index, self.writer.submit(self.predictor.run, meta.group, meta.scale, chunk, windows, means))
-                )
+                    settle(*in_flight.popleft())
+                begin(str(index))
+                chunk = tiles[index * size : (index + 1) * size]
+                assert decoded is not None  # a batch still to run
+                windows = [extract_window(decoded, t) for t in chunk]
+                fut = self.writer.submit(self.predictor.run, meta.group, meta.scale, chunk, windows, means)
+                in_flight.append((index, f"{meta.group}#{index}", fut))
                 del windows
             while in_flight:
-                i, fut = in_flight.popleft()
-                results[i] = fut.result()
+                settle(*in_flight.popleft())
             del decoded
-            results[0]["statistics_s"] = statistics_s
+            results[0] = results[0] | {"statistics_s": statistics_s}
         except Exception as exc:  # decode, passes, model or writes: this image fails, the job goes on
-            error = storage.describe_error(exc)
+            error = str(exc) if isinstance(exc, _Poisoned) else storage.describe_error(exc)
             log.warning("%s: failed on the actor: %s", meta.ref.name, error)
-            for _, fut in in_flight:
+            for _, _, fut in in_flight:
                 fut.exception()  # let the batches still writing end before the image is settled
-        finally:
-            self.attempts.end.remote(key)
-        return [
-            dataclasses.replace(base, index=i, result=results[i] | {"node": self.node})
-            if i in results and error is None
-            else dataclasses.replace(base, index=i, error=error or "not run")
-            for i in range(p.count)
-        ]
+        self.attempts.forget.remote(image)
+        if error is not None:
+            return [dataclasses.replace(base, index=i, error=error) for i in range(p.count)]
+        return [dataclasses.replace(base, index=i, result=results[i] | {"node": self.node}) for i in range(p.count)]
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        """Call the attempt counter; ``None`` when it is out of reach (as in :meth:`_one`)."""
+        try:
+            return ray.get(getattr(self.attempts, method).remote(*args))
+        except ray.exceptions.RayError as exc:
+            log.warning("%s: attempt counter unavailable (%s); going on", args[0], exc)
+            return None
 
     def _one(self, b: PreparedBatch) -> BatchRecord:
         base = BatchRecord(

@@ -362,6 +362,19 @@ class Predictor:
         # Calls may run in two threads (``ray.overlap_writes``): one computes while the other writes its
         # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
         self._compute = threading.Lock()
+        if ctx.spec.inference.stand_in_latency_s == 0:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One forward of a small input before the first batch. A fresh process's first forward (torch's
+        thread pool and allocator; on a GPU the CUDA context and kernels) took 2–3× a batch's time on the
+        fault tests' restarted actors (0.7–1.15 s vs 0.2–0.4 s, 48² images, load ~10): it fell in the
+        retry of the batch whose actor had died, the one batch a restart should get through quickly."""
+        from drcr_model.inference import forward
+
+        inf = self.ctx.spec.inference
+        x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+        forward(self.model, x, precision=inf.precision, channels_last=inf.channels_last)
 
     def run(
         self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
