@@ -480,7 +480,9 @@ class _BatchAttempts:
     would queue on the one counter. The price: starts are counted per node, so a batch whose actor is
     restarted on another node (its node was lost) starts there from 1; a batch is still failed after at
     most ``MAX_BATCH_ATTEMPTS`` starts on each node it is retried on. Images computed whole in one call
-    (:meth:`_Predict._image`) also keep their progress here, per node likewise.
+    (:meth:`_Predict._image`) also keep their progress here (one mechanism for both), per node likewise: a
+    retry that lands on another node restarts its image from scratch (still correct, writes are
+    idempotent; only slower).
     """
 
     def __init__(self, run_id: str) -> None:
