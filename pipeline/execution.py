@@ -48,6 +48,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -563,6 +564,9 @@ class _Predict:
         # A PreparedImage's batches (see _image): as many in flight as the calls Ray Data runs at once.
         self.calls = 2 if ctx.spec.ray.overlap_writes else 1
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=self.calls, thread_name_prefix="image")
+        # Batches of images in flight on this actor, over all its calls: as many as batch rows would be (one
+        # per call), so an actor that dies takes at most that many batches' attempts with it.
+        self.slots = threading.BoundedSemaphore(self.calls)
         self.attempts = attempts
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -607,7 +611,10 @@ class _Predict:
                 raise _Poisoned(f"{what} lost its actor {attempt - 1} times (each attempt killed the worker)")
 
         def settle(i: int, key: str, fut: concurrent.futures.Future[dict[str, Any]]) -> None:
-            results[i] = fut.result()
+            try:
+                results[i] = fut.result()
+            finally:
+                self.slots.release()
             self._ask("keep", image, i, results[i])
             self._ask("end", key)
 
@@ -629,7 +636,15 @@ class _Predict:
                     continue
                 while len(in_flight) >= self.calls:
                     settle(*in_flight.popleft())
-                begin(str(index))
+                while in_flight and not self.slots.acquire(blocking=False):
+                    settle(*in_flight.popleft())  # another call holds the other slot: finish ours first
+                if not in_flight:
+                    self.slots.acquire()
+                try:
+                    begin(str(index))
+                except BaseException:
+                    self.slots.release()
+                    raise
                 chunk = tiles[index * size : (index + 1) * size]
                 assert decoded is not None  # a batch still to run
                 windows = [extract_window(decoded, t) for t in chunk]
@@ -645,6 +660,7 @@ class _Predict:
             log.warning("%s: failed on the actor: %s", meta.ref.name, error)
             for _, _, fut in in_flight:
                 fut.exception()  # let the batches still writing end before the image is settled
+                self.slots.release()
         self._ask("forget", image, p.count)
         if error is not None:
             return [dataclasses.replace(base, index=i, error=error) for i in range(p.count)]

@@ -369,12 +369,18 @@ class Predictor:
         """One forward of a small input before the first batch. A fresh process's first forward (torch's
         thread pool and allocator; on a GPU the CUDA context and kernels) took 2–3× a batch's time on the
         fault tests' restarted actors (0.7–1.15 s vs 0.2–0.4 s, 48² images, load ~10): it fell in the
-        retry of the batch whose actor had died, the one batch a restart should get through quickly."""
+        retry of the batch whose actor had died, the one batch a restart should get through quickly. Then
+        one read of the output's root, for the same reason."""
         from drcr_model.inference import forward
 
         inf = self.ctx.spec.inference
         x = np.zeros((1, 3, 32, 32), dtype=np.float32)
         forward(self.model, x, precision=inf.precision, channels_last=inf.channels_last)
+        # The store's client and first connection (an S3 session: ~0.5 s under load), not in the first write.
+        try:
+            cubes.zarr.open_group(self.store, mode="r")
+        except Exception as exc:  # the output may be unreachable for a moment: the batches' writes retry
+            log.info("warm-up read of the output failed (%s); going on", storage.describe_error(exc))
 
     def run(
         self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
