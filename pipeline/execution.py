@@ -513,6 +513,11 @@ class _BatchAttempts:
 
     # The progress of an image computed in one call (_Predict._image), for a retry of that call: a pickle
     # of its gathered means and written batches' results (a few KiB) beside the counts.
+    def _kept_path(self, image: str) -> str:
+        # Not "<run>.*": those are the start counts (the poison-batch test watches them).
+        head, tail = os.path.split(self._path(image))
+        return os.path.join(head, "kept-" + tail)
+
     def start(self, image: str, count: int) -> tuple[dict[Any, Any], str | None, int]:
         """An image's call starts: what is kept of it, its next step (``statistics`` or a batch index) and
         that step's attempt, begun here."""
@@ -524,7 +529,7 @@ class _BatchAttempts:
 
     def keep(self, image: str, what: Any, value: Any) -> None:
         kept = self.kept(image) | {what: value}
-        path = self._path(image) + ".kept"
+        path = self._kept_path(image)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "wb") as f:
             pickle.dump(kept, f, protocol=5)
@@ -532,7 +537,7 @@ class _BatchAttempts:
 
     def kept(self, image: str) -> dict[Any, Any]:
         try:
-            with open(self._path(image) + ".kept", "rb") as f:
+            with open(self._kept_path(image), "rb") as f:
                 return dict(pickle.load(f))  # noqa: S301 - written by this run's actors on this node
         except FileNotFoundError:
             return {}
@@ -541,7 +546,7 @@ class _BatchAttempts:
         for step in ["statistics", *map(str, range(count))]:
             self.end(_step_key(image, step))
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(image) + ".kept")
+            os.unlink(self._kept_path(image))
 
 
 def _step_key(image: str, step: str) -> str:
