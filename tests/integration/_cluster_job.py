@@ -8,8 +8,10 @@ thread waits until the worker node runs an inference batch, then kills the worke
 (raylet, agents, its actor and task workers). When this process exits, the kernel ends every other process of
 the namespace.
 
-With ``PARAMS["join"]`` the worker node is not there when the job starts: a thread starts it once the first
-actor runs a batch (the elastic pool must grow onto it), and nothing is killed.
+With ``PARAMS["join"]`` the worker node is not there when the job starts: a thread starts it as the job
+starts (a node start takes tens of seconds on a loaded box; started any later it joined as the last inputs
+ran out), records when the scheduler sees its CPUs and how many cubes were complete then; the elastic pool
+must grow onto it. Nothing is killed.
 
 Usage: ``python _cluster_job.py PARAMS.json``; writes ``PARAMS["result"]`` (JSON).
 """
@@ -81,9 +83,8 @@ def main() -> None:
     head_id = ray.get_runtime_context().get_node_id()
     log: dict[str, object] = {}
     stop = threading.Event()
+    joiner = threading.Thread(target=_join, args=(params, start_worker, log, stop), daemon=True)
     if params.get("join"):
-        joiner = threading.Thread(target=_join_later, args=(params, start_worker, log, stop), daemon=True)
-        joiner.start()
         worker = None
     else:
         worker = start_worker()
@@ -129,6 +130,8 @@ def main() -> None:
     if params.get("kill"):
         thread.start()
     t0 = time.perf_counter()
+    if params.get("join"):
+        joiner.start()
     summary = run_job(
         JobSpec.from_dict(
             params["spec"] | {"storage": params["spec"]["storage"] | {"endpoint_url": server.endpoint_url}}
@@ -238,28 +241,28 @@ def _wait_nodes(ray: object, n: int, timeout: float = 180.0) -> None:
         time.sleep(0.2)
 
 
-def _join_later(params: dict, start_worker: object, log: dict, stop: threading.Event) -> None:  # type: ignore[type-arg]
-    """Start the worker node once the job's first actor runs a batch (the job is under way)."""
-    out = Path(params["s3_root"]) / params["spec"]["output"].removeprefix("s3://") / "cubes.zarr"
-    t0 = time.perf_counter()
-    while not stop.is_set() and not fh.pids_with_title(fh.PREDICT_TITLE):  # the first actor is computing
-        stop.wait(0.1)
-    if stop.is_set():
-        return
-    log["complete_before_join"] = len(fh.complete_groups_local(out))
-    log["join_started_s"] = round(time.perf_counter() - t0, 2)
+def _join(params: dict, start_worker: object, log: dict, stop: threading.Event) -> None:  # type: ignore[type-arg]
+    """Start the worker node now (the job is starting) and wait until the scheduler sees its CPUs; record when
+    (``joined_s``, from the job's start) and how many cubes were complete by then (``complete_before_join``)."""
     import ray
 
+    out = Path(params["s3_root"]) / params["spec"]["output"].removeprefix("s3://") / "cubes.zarr"
+    t0 = time.perf_counter()
+    want = params.get("head_cpus", 3) + params.get("worker_cpus", 2)
     # `ray start` gives up if its raylet has not registered within 30 s (Ray's own constant), which a loaded
     # 2-core box can exceed: start it again then.
     for attempt in range(3):
+        log["join_attempts"] = attempt + 1
         node = start_worker()  # type: ignore[operator]
-        while not stop.is_set() and node.poll() is None and len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        while not stop.is_set() and node.poll() is None:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            if len(alive) >= 2 and ray.cluster_resources().get("CPU", 0) >= want:
+                log["joined_s"] = round(time.perf_counter() - t0, 2)
+                log["complete_before_join"] = len(fh.complete_groups_local(out))
+                return
             stop.wait(0.2)
-        if node.poll() is None or stop.is_set():
-            break
-        log["join_attempts"] = attempt + 2
-    log["joined_s"] = round(time.perf_counter() - t0, 2)
+        if stop.is_set():
+            return
 
 
 def _pgid(pid: int) -> int | None:
