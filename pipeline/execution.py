@@ -700,6 +700,14 @@ class _Predict:
             # the error escape the UDF, which would stop the whole dataset.
             log.warning("%s: attempt counter unavailable (%s); running the batch", b.meta.ref.name, exc)
             attempt = 0
+        if attempt > 1:
+            log.warning(
+                "%s: batch %d of %d starts again (start %d): its actor was lost",
+                b.meta.ref.name,
+                b.index,
+                b.count,
+                attempt,
+            )
         if attempt > MAX_BATCH_ATTEMPTS:
             self.attempts.end(key)
             why = f"batch {b.index} of {b.count} lost its actor {attempt - 1} times (each attempt killed the worker)"
