@@ -252,8 +252,15 @@ class RaySpec:
     """Ray resources.
 
     address: Ray cluster to join ("" → RAY_ADDRESS or a new local Ray).
-    actors: number of inference actors (each loads the weights once).
-    num_gpus_per_actor: GPUs per actor; fractional shares a GPU; -1 → 1 if the cluster has GPUs else 0.
+    actors: number of inference actors (each loads the weights once); shorthand for a fixed-size pool
+      (``min_actors = max_actors = actors``).
+    min_actors, max_actors: an elastic pool (0: ``actors``). Ray Data starts ``min_actors``, adds actors
+      up to ``max_actors`` while batches queue and the cluster has room (nodes or GPUs that join mid-job
+      included) and removes idle ones.
+    num_gpus_per_actor: GPUs per actor; fractional shares a GPU. ``-1`` (auto): 1 if the cluster has a
+      GPU when the job starts, else 0 (CPU actors); auto never waits. A value > 0 on a cluster with no
+      GPU yet waits up to ``gpu_wait_s`` for the autoscaler to add one, then fails.
+    gpu_wait_s: seconds to wait for a first GPU when ``num_gpus_per_actor > 0``.
     num_cpus_per_actor: CPUs per actor (torch threads are sized to this).
     batch_size: tiles per forward pass (tiles of one image, in plan order, so results are deterministic).
     max_images_in_flight: images decoded/tiled/being inferred at once (backpressure bound on memory).
@@ -265,7 +272,10 @@ class RaySpec:
 
     address: str = ""
     actors: int = 1
+    min_actors: int = 0
+    max_actors: int = 0
     num_gpus_per_actor: float = -1
+    gpu_wait_s: float = 600.0
     num_cpus_per_actor: float = 1
     batch_size: int = 4
     max_images_in_flight: int = 4
@@ -275,6 +285,15 @@ class RaySpec:
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, "ray", "actors", self.actors, "must be >= 1")
+        _check(self.min_actors >= 0, "ray", "min_actors", self.min_actors, "must be >= 0 (0: ray.actors)")
+        _check(
+            self.max_actors == 0 or self.max_actors >= self.pool_size[0],
+            "ray",
+            "max_actors",
+            self.max_actors,
+            f"must be 0 (ray.actors) or >= the pool's minimum ({self.pool_size[0]})",
+        )
+        _check(self.gpu_wait_s >= 0, "ray", "gpu_wait_s", self.gpu_wait_s, "must be >= 0")
         _check(
             self.num_gpus_per_actor == -1 or self.num_gpus_per_actor >= 0,
             "ray",
@@ -289,6 +308,12 @@ class RaySpec:
             self.max_batches_per_actor >= 1, "ray", "max_batches_per_actor", self.max_batches_per_actor, "must be >= 1"
         )
         _check(self.decode_num_cpus > 0, "ray", "decode_num_cpus", self.decode_num_cpus, "must be > 0")
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """``(min, max)`` inference actors: ``min_actors``/``max_actors`` where set, else ``actors``."""
+        low = self.min_actors or self.actors
+        return low, max(self.max_actors or max(self.actors, low), low)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

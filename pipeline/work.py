@@ -32,6 +32,9 @@ __all__ = [
     "JobContext",
     "ImageMeta",
     "prepare_image",
+    "prepare_decoded",
+    "prepare_source",
+    "redecode",
     "Predictor",
     "finish_image",
     "storage_options",
@@ -136,12 +139,39 @@ def _provenance(ctx: JobContext, meta: ImageMeta, decoded: Any) -> dict[str, Any
 def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> Iterator[ImageMeta | np.ndarray]:
     """Yield the image's :class:`ImageMeta`, then (status ``run``) each tile's raw window (h×w×3, uint8/16).
 
-    Reads the bytes (unless given), hashes them, skips the image when its group is complete with the same
-    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. Windows are
-    the raw decoded pixels; the predictor divides them by ``meta.scale`` (the whole image's maximum), so
-    tiles see exactly the whole image's preprocessing.
+    :func:`prepare_decoded`, then the windows cut from the decoder's buffer one at a time (no whole-image
+    array is made). Windows are the raw decoded pixels; the predictor divides them by ``meta.scale`` (the
+    whole image's maximum), so tiles see exactly the whole image's preprocessing.
     """
+    meta, decoded = prepare_decoded(ctx, ref, data)
+    del data
+    yield meta
+    if decoded is None:
+        return
+    for tile in meta.tiles:
+        yield extract_window(decoded, tile)
+    del decoded
+
+
+def prepare_decoded(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> tuple[ImageMeta, Any]:
+    """The image's :class:`ImageMeta` and its decoded pixels (``None`` unless the status is ``run``).
+
+    Reads the bytes (unless given), hashes them, skips the image when its group is complete with the same
+    source hash and job fingerprint, decodes, plans the tiles and creates the cube's metadata. The decoded
+    image is the decoder's buffer (:mod:`pipeline.bigdecode`): windows are cropped from it.
+    """
+    meta, decoded, _ = prepare_source(ctx, ref, data)
+    return meta, decoded
+
+
+def prepare_source(
+    ctx: JobContext, ref: ImageRef, data: bytes | None = None, *, keep_encoded: bool = False
+) -> tuple[ImageMeta, Any, bytes | None]:
+    """:func:`prepare_decoded`, and with ``keep_encoded`` the encoded bytes when they were read into memory
+    (small files, archive members) and the image needs gathered statistics (:func:`redecode` takes them:
+    the actor decodes the image again without reading it again); ``None`` otherwise."""
     from pipeline.bigdecode import decode_encoded, fetch_encoded
+    from pipeline.statistics import needs_global
 
     t0 = time.perf_counter()
     group = cubes.group_path(ref.source, ref.member, ref.key)
@@ -164,9 +194,9 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
                 meta.status = "skipped"
                 meta.error = "already complete with the same source sha256 and job fingerprint"
                 meta.width, meta.height = record["source"].get("width"), record["source"].get("height")
-                yield meta
-                return
+                return meta, None, None
         decoded = decode_encoded(encoded, ctx.spec.decode)
+        kept = encoded.data if keep_encoded else None
         del encoded
         meta.height, meta.width = decoded.height, decoded.width
         meta.mode = decoded.mode
@@ -199,13 +229,36 @@ def prepare_image(ctx: JobContext, ref: ImageRef, data: bytes | None = None) -> 
             )
     except InputError as exc:
         meta.status, meta.error_type, meta.error = "failed", type(exc).__name__, storage.describe_error(exc)
-        yield meta
-        return
+        return meta, None, None
     meta.decode_s = time.perf_counter() - t0
-    yield meta
-    for tile in meta.tiles:  # windows are cropped from the decoder's buffer: no whole-image array is made
-        yield extract_window(decoded, tile)
-    del decoded
+    return meta, decoded, kept if needs_global(ctx.spec.tiling.statistics, meta.tiles) else None
+
+
+def redecode(ctx: JobContext, meta: ImageMeta, data: bytes | None) -> Any:
+    """An image :func:`prepare_source` prepared, decoded again where its statistics are gathered (the
+    inference actor): from ``data`` (the encoded bytes it kept) or read again from storage (big files,
+    which stream by region: memory stays bounded), the same decoder choosing the same path, so the pixels
+    are the ones prepare planned.
+
+    Raises:
+        InputError: the source changed since it was prepared (another hash or size).
+    """
+    from pipeline.bigdecode import EncodedImage, decode_encoded, fetch_encoded
+
+    name = storage.redact(meta.ref.name)
+    if data is not None:
+        encoded = EncodedImage(name=meta.ref.name, sha256=meta.sha256 or "", nbytes=len(data), data=data)
+    else:
+        encoded = fetch_encoded(meta.ref, storage_options(ctx), None, ctx.spec.decode)
+        if encoded.sha256 != meta.sha256:
+            raise InputError(
+                f"{name}: changed while the job ran (sha256 {encoded.sha256[:12]}…, was {str(meta.sha256)[:12]}…)"
+            )
+    decoded = decode_encoded(encoded, ctx.spec.decode)
+    del encoded
+    if (decoded.height, decoded.width) != (meta.height, meta.width):
+        raise InputError(f"{name}: decoded as {decoded.width}×{decoded.height}, prepared as {meta.width}×{meta.height}")
+    return decoded
 
 
 @functools.cache
@@ -311,6 +364,25 @@ class Predictor:
         # Calls may run in two threads (``ray.overlap_writes``): one computes while the other writes its
         # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
         self._compute = threading.Lock()
+        if ctx.spec.inference.stand_in_latency_s == 0:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One forward of a small input before the first batch. A fresh process's first forward (torch's
+        thread pool and allocator; on a GPU the CUDA context and kernels) took 2–3× a batch's time on the
+        fault tests' restarted actors (0.7–1.15 s vs 0.2–0.4 s, 48² images, load ~10): it fell in the
+        retry of the batch whose actor had died, the one batch a restart should get through quickly. Then
+        one read of the output's root, for the same reason."""
+        from drcr_model.inference import forward
+
+        inf = self.ctx.spec.inference
+        x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+        forward(self.model, x, precision=inf.precision, channels_last=inf.channels_last)
+        # The store's client and first connection (an S3 session: ~0.5 s under load), not in the first write.
+        try:
+            cubes.zarr.open_group(self.store, mode="r")
+        except Exception as exc:  # the output may be unreachable for a moment: the batches' writes retry
+            log.info("warm-up read of the output failed (%s); going on", storage.describe_error(exc))
 
     def run(
         self, group: str, scale: float, tiles: list[Tile], windows: list[np.ndarray], means: np.ndarray | None = None
@@ -386,6 +458,26 @@ class Predictor:
                 state.means,
                 channels_last=self.ctx.spec.inference.channels_last,
             )
+
+    def gather_means(self, scale: float, image: Any, tiles: list[Tile], batch_size: int) -> tuple[np.ndarray, int]:
+        """The image's gathered re-calibration means [n_blocks, C] and the passes it took: the passes of
+        :func:`pipeline.statistics.gather_statistics` (batches of ``batch_size`` tiles in plan order, windows
+        cut from ``image`` per batch) on this predictor's device."""
+        from drcr_model.recalibration import GatherState
+        from pipeline.statistics import add_sums
+
+        height, width = image.shape[:2]
+        state = GatherState(n_blocks=int(self.ctx.weights["config"]["n_blocks"]))
+        while not state.done:
+            parts = []
+            for i in range(0, len(tiles), batch_size):
+                group = tiles[i : i + batch_size]
+                windows = [extract_window(image, t) for t in group]
+                parts.append(self.partial_sums(scale, height, width, group, windows, state))
+                del windows
+            state = add_sums(state, parts)
+        assert state.means is not None
+        return state.means, state.passes
 
     def _encode_stream(self) -> Any:
         """Where the device path's quantise and predict run: a side CUDA stream, so that copying the

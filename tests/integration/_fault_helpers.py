@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,9 @@ from PIL import Image
 from pipeline.sample import sample_image
 
 REPO = Path(__file__).resolve().parents[2]
+PREDICT_TITLE = "ray::MapWorker(MapBatches(_Predict)).submit"
+"""The process title Ray gives an inference actor while it runs a batch (Ray Data's actor pool worker for
+``pipeline.execution._Predict``, method ``submit``)."""
 PYTHON = str(Path(os.sys.executable))  # the venv's python (pytest runs under it)
 
 # Inputs: loose PNGs and a tar of PNGs, 48×48 → 9 tiles of core 16 each (tiling forced with a small
@@ -240,6 +244,21 @@ def isolated(cmd: str, *, net: bool) -> list[str]:
     # namespace gets its own /tmp/ray (a tmpfs in its mount namespace) so nothing leaks to the host's Ray.
     setup = "mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && " + ("ip link set lo up && " if net else "")
     return ["unshare", *flags, "sh", "-c", f"{setup}exec {cmd}"]
+
+
+def run_cluster(cmd: list[str], result: Path, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a ``_cluster_job.py`` command; if it runs past ``timeout``, fail with its stderr's tail and the last
+    state it recorded (``result``'s ``.diag.json``: actors, unfinished tasks, autoscaler decisions)."""
+    env = ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        diag = result.with_suffix(".diag.json")
+        state = diag.read_text() if diag.exists() else "(no state recorded)"
+        raise AssertionError(
+            f"cluster job ran past {timeout} s\n--- stderr tail ---\n{err[-3000:]}\n--- state ---\n{state[-6000:]}"
+        ) from None
 
 
 def ray_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Memory that does not grow with the image: the prepare task waits for the driver instead of putting every
-window of a big image into the object store, and its own peak (after all windows) reaches the run summary."""
+"""Memory that does not grow with the image: the prepare stage hands over windows in bounded blocks (which
+Ray Data's backpressure pauses instead of putting every window of a big image into the object store), and
+each process kind's peak reaches the run summary."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pipeline.sample import sample_image
 pytestmark = pytest.mark.integration
 
 
-def _context(tmp_path, ray_section):  # type: ignore[no-untyped-def]
+def _context(tmp_path, ray_section, statistics="global"):  # type: ignore[no-untyped-def]
     from pipeline.execution import resolve_weights
     from pipeline.work import JobContext
 
@@ -25,52 +26,71 @@ def _context(tmp_path, ray_section):  # type: ignore[no-untyped-def]
         {
             "inputs": [str(src)],
             "output": str(tmp_path / "out"),
-            "tiling": {"max_tile_pixels": 1024, "tile_core": 32, "halo": 8},  # 64 tiles
+            "tiling": {"max_tile_pixels": 1024, "tile_core": 32, "halo": 8, "statistics": statistics},  # 64 tiles
             "output_options": {"chunk": 32},
             "ray": ray_section,
         }
     )
     w = resolve_weights(spec)
-    return spec, JobContext(spec=spec, weights=w, fingerprint=spec.fingerprint(w["sha256"]), run_id="bounded"), str(path)
+    return (
+        spec,
+        JobContext(spec=spec, weights=w, fingerprint=spec.fingerprint(w["sha256"]), run_id="bounded"),
+        str(path),
+    )
 
 
-def test_prepare_task_runs_only_a_few_windows_ahead(tmp_path, ray_local, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import ray
+def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The prepare stage's output is cut into blocks of about ``BLOCK_BYTES`` (Ray Data's target block size
+    for the job), so a prepare task never holds a whole big image's windows to hand over at once, and Ray
+    Data's backpressure pauses it block by block. With a block budget below one batch, every batch is a
+    block of its own; with the default, this small image's 32 batches fit one block (the control).
+    (``tiling.statistics = "tile"``: an image with gathered statistics sends no window, next test.)"""
+    import ray.data
 
-    from pipeline.execution import _prepare_remote, tiles_ahead
+    from pipeline import execution
+    from pipeline.execution import ImageTask
     from pipeline.sources import ImageRef
+    from pipeline.tracking import PreparedBatch
+
+    spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2}, "tile")
+    work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
+
+    def blocks() -> list[int]:
+        execution._configure_data_context()
+        ds = ray.data.from_items([{"item": execution._pack(w)} for w in work])
+        ds = ds.flat_map(execution._prepare_rows, fn_args=(ctx,)).materialize()
+        sizes = [e.metadata.num_rows for bundle in ds.iter_internal_ref_bundles() for e in bundle.blocks]
+        batches = [execution._unpack(r["batch"]) for r in ds.iter_rows()]
+        assert all(isinstance(b, PreparedBatch) for b in batches) and len(batches) == 32
+        assert sorted(b.index for b in batches) == list(range(32))
+        return sizes
+
+    monkeypatch.setattr(execution, "BLOCK_BYTES", 1024)  # below one batch (2 windows of 48² × 3 bytes)
+    assert blocks() == [1] * 32
+    monkeypatch.undo()
+    assert blocks() == [32]
+
+
+def test_an_image_with_gathered_statistics_leaves_prepare_as_one_row_without_windows(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """With ``tiling.statistics = "global"`` the actor that takes the image decodes it again and gathers its
+    statistics itself: prepare sends one row, the plan and the encoded bytes it read (no window), whatever
+    the image's size."""
+    import ray.data
+
+    from pipeline import execution
+    from pipeline.execution import ImageTask
+    from pipeline.sources import ImageRef
+    from pipeline.tracking import PreparedImage
 
     spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})
-    monkeypatch.setattr("pipeline.execution.WINDOWS_AHEAD_BYTES", 0)  # the driver-side setting; windows are tiny here
-    assert tiles_ahead(spec) == 4
-    gen = _prepare_remote(spec).remote(ctx, ImageRef(source=path, member=None, kind="file"))
-    meta = ray.get(next(gen))
-    assert meta.status == "run" and len(meta.tiles) == 64
-    # Nobody takes the windows: the task must be parked, not finished with 64 windows in the object store.
-    done, _ = ray.wait([gen.completed()], timeout=4.0)
-    assert not done, "the prepare task ran to the end without the driver taking its windows"
-    windows = [ray.get(next(gen)) for _ in range(64)]
-    assert all(w.shape == (48, 48, 3) for w in windows)
-    trailer = ray.get(next(gen))
-    assert trailer["peak_rss"] > 10 * 1024 * 1024
-    with pytest.raises(StopIteration):
-        next(gen)
-    ray.get(gen.completed())
-
-
-def test_prepare_task_without_backpressure_would_finish(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]
-    """The control for the test above, and the default: windows this small never make a task pause, so it
-    finishes on its own (and frees its CPU while the actors work)."""
-    import ray
-
-    from pipeline.execution import _prepare_remote, tiles_ahead
-    from pipeline.sources import ImageRef
-
-    spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})
-    assert tiles_ahead(spec) > 66  # 48² windows: 32 MB of them is far more than the 64 of this image
-    gen = _prepare_remote(spec).remote(ctx, ImageRef(source=path, member=None, kind="file"))
-    done, _ = ray.wait([gen.completed()], timeout=30.0)
-    assert done
+    work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
+    ds = ray.data.from_items([{"item": execution._pack(w)} for w in work])
+    rows = [execution._unpack(r["batch"]) for r in ds.flat_map(execution._prepare_rows, fn_args=(ctx,)).iter_rows()]
+    assert len(rows) == 1 and isinstance(rows[0], PreparedImage)
+    image = rows[0]
+    assert (image.count, len(image.meta.tiles)) == (32, 64)
+    with open(path, "rb") as f:
+        assert image.encoded == f.read()  # what prepare read and hashed, not pixels
 
 
 def test_tiled_job_reports_each_process_kinds_peak(tmp_path, ray_local) -> None:  # type: ignore[no-untyped-def]

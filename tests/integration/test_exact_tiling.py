@@ -50,6 +50,8 @@ def _run(tmp_path: Path, src: Path, weights: str, sha: str, statistics: str, hal
     )
     summary = run_job(spec)
     assert summary.ok == len(SIZES) and summary.failed == 0
+    # The passes ran on the inference actors (their results carry the time), not in prepare tasks.
+    assert (summary.compute["statistics_s"] > 0) == (statistics == "global"), summary.compute
     rows = pq.read_table(out / "manifest" / "manifest.parquet").to_pylist()
     store = cubes.open_cubes(str(out), {})
     got = {}

@@ -94,14 +94,14 @@ class _Killer(threading.Thread):
 
 def test_inference_actor_killed_repeatedly(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the inference actor's worker process 4 times while it runs a batch: Ray restarts the actor
-    (max_restarts=-1) and retries the lost calls (max_task_retries=3); every image ends ok and identical."""
+    (Ray Data's pool: max_restarts=-1) and retries the lost calls; every image ends ok and identical."""
     from pipeline.execution import run_job
 
     me = os.getpid()
 
     def busy_actor_pids() -> list[int]:
-        # Ray titles a worker "ray::_PredictorActor.run" while it executes run(); ours descend from this process.
-        return [p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me)]
+        # Ray titles an actor fh.PREDICT_TITLE while it runs a batch; ours descend from this process.
+        return [p for p in fh.pids_with_title(fh.PREDICT_TITLE) if fh.is_descendant(p, me)]
 
     seen: dict[int, float] = {}
     killed: set[int] = set()
@@ -140,21 +140,21 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     the worker node's process group is SIGKILLed while its actor runs a batch. The GCS marks the node dead,
     the actor restarts on the head, lost tiles are rebuilt from lineage: every image ends ok and identical."""
     import json
-    import subprocess
 
     server = fault_bucket.server
     result = tmp_path / "result.json"
     params = {
-        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0,
+        # A 3-CPU head: after the kill it holds both actors and a prepare task (a fixed pool of 2 needs that).
+        # The kill comes 1 s after a cube the worker's actor computed is complete (with "1 s after it starts
+        # computing", on the loaded box its first block of records had not come back: inference on 1 node).
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "kill": True, "kill_after": 1.0, "head_cpus": 3,
         "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/node_kill", fault_bucket.weights, actors=2),
     }  # fmt: skip
     (tmp_path / "params.json").write_text(json.dumps(params))
     cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
     # "0" makes `ray start --address` refuse to join ("multi-node clusters are not supported"); inside the
     # namespace only lo exists, so "1" still resolves every node to 127.0.0.1. Same value in every process there.
-    proc = subprocess.run(
-        cmd, env=fh.ray_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}), capture_output=True, text=True, timeout=180
-    )
+    proc = fh.run_cluster(cmd, result, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     s = out["summary"]
@@ -167,6 +167,61 @@ def test_worker_node_killed(fault_bucket, reference, tmp_path) -> None:  # type:
     assert out["worker"] not in out["alive_after"]
     assert server.secret not in proc.stdout + proc.stderr
     counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/node_kill", reference.ref)
+    assert counts == {"ok": fh.N_INPUTS}
+
+
+def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An elastic pool (ray.min_actors = 1, ray.max_actors = 2) on a one-CPU head that holds only one actor; a
+    second node is started as the job starts and joins while it runs. Ray Data adds an actor there, so
+    inference runs on both nodes, and every cube is byte-identical to the fault-free 1-actor run's."""
+    import json
+
+    server = fault_bucket.server
+    result = tmp_path / "result.json"
+    # Ray Data grows a pool when its utilisation (calls in flight ÷ the actors' concurrent calls) reaches 1.75,
+    # and only within the predict operator's CPU budget. Utilisation: inference must be the slow stage, so
+    # few prepare tasks (2 in flight: with 6, each a process decoding and running the statistics passes on
+    # this 2-core box, prepare was the slow stage and the actor idled below 0.5 the whole job), calls in turn
+    # (overlap_writes false: one concurrent call) and 4 queued per actor. Budget: with a 1-CPU head and a
+    # 2-CPU worker, half the 3 CPUs is reserved in equal parts for the two operators (0.75 each), the rest
+    # shared; prepare's 2 × 0.25 stays within its part, so the predict operator's share admits a second
+    # 0.75-CPU actor, and the worker has room for it. (A 1-CPU worker and 8 prepare tasks in flight: the
+    # autoscaler wanted the actor and answered "exceeded resource limits" to the end.)
+    ray = {
+        "actors": 1,
+        "min_actors": 1,
+        "max_actors": 2,
+        "num_cpus_per_actor": 0.75,
+        "decode_num_cpus": 0.25,
+        "max_images_in_flight": 2,
+        "overlap_writes": False,
+        "max_batches_per_actor": 4,
+    }
+    params = {
+        "s3_root": str(server.root), "key": server.key, "secret": server.secret, "result": str(result), "join": 1,
+        "head_cpus": 1, "worker_cpus": 2,
+        "spec": fh.spec_dict(fault_bucket.url, server.endpoint_url, f"{fault_bucket.url}/grow", fault_bucket.weights, **ray),
+    }  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    cmd = fh.isolated(f"{fh.PYTHON} {Path(__file__).parent / '_cluster_job.py'} {tmp_path / 'params.json'}", net=True)
+    proc = fh.run_cluster(cmd, result, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(result.read_text())
+    s = out["summary"]
+    server.restart()  # the host's rclone caches directory listings; the namespace's rclone wrote the output
+    actors = [a for a in out["kill"]["actors"] if "_Predict" in a["class"]]
+    print(
+        f"\n[figures] node joins mid-job: joined at {out['kill'].get('joined_s')} s of {out['elapsed_s']:.1f} s "
+        f"({out['kill'].get('complete_before_join')} of {fh.N_INPUTS} cubes complete then, {out['kill'].get('join_attempts')} node start(s)); "
+        f"ok={s['ok']}; inference on nodes {len(s['nodes'])}; pool actors {[(a['node'], a['state']) for a in actors]}; "
+        f"autoscaler {out['kill']['autoscaler']}"
+    )
+    assert "joined_s" in out["kill"], out["kill"]  # the scheduler saw the new node's CPUs before the job ended
+    assert out["kill"]["complete_before_join"] < fh.N_INPUTS  # the node joined while work was left
+    assert out["worker"] in s["nodes"] and out["head"] in s["nodes"], (s, out["kill"])  # it grew onto the node
+    assert {a["node"] for a in actors} == {out["head"][:8], out["worker"][:8]}, actors  # an actor on each node
+    assert s["pool"]["min_size"] == 1 and s["pool"]["max_size"] == 2
+    counts = fh.check_against_reference(fault_bucket.fs, f"{fault_bucket.name}/grow", reference.ref)
     assert counts == {"ok": fh.N_INPUTS}
 
 
@@ -245,7 +300,9 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
     )
 
     t1 = time.perf_counter()
-    second = subprocess.run(fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150)
+    second = subprocess.run(
+        fh.isolated(f"{cli} --wait", net=False), env=env, capture_output=True, text=True, timeout=150
+    )
     rerun = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr[-3000:]
     print(
@@ -262,27 +319,67 @@ def test_driver_killed_then_resumed(fault_bucket, reference, tmp_path) -> None: 
 
 
 def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, reference, ray_local) -> None:  # type: ignore[no-untyped-def]
-    """Kill the actor every time it starts running a call, 5 times in a row: the batch in flight (a "poison
-    batch", e.g. a tile that OOMs its worker) exhausts max_task_retries=3. Its image is recorded ``failed``
-    (no completion marker), the job goes on; running the job again redoes exactly the failed images."""
-    from pipeline.execution import run_job
+    """A batch that kills its actor every time it starts (a "poison batch", e.g. a tile that OOMs its worker):
+    after MAX_BATCH_ATTEMPTS = 4 starts (the first and 3 retries), each struck, its next start fails it without
+    running. Its image is recorded ``failed`` (no completion marker), the job goes on; running the job again
+    redoes exactly the failed images."""
+    import json
+    import tempfile
+
+    from pipeline.execution import MAX_BATCH_ATTEMPTS, run_job
 
     me = os.getpid()
     out = f"{fault_bucket.name}/poison"
+    # Each batch in flight has a file there that grows by a byte per start (pipeline.execution._BatchAttempts).
+    # The poison batch is the first one struck; the actor is killed again each time that batch starts again.
+    # (Killing the restarted actor as soon as it runs any call struck later batches of the retried block once
+    # the earlier ones finished before the kill landed: then no batch reached 5 starts.)
+    starts = Path(tempfile.gettempdir()) / "drcr-batch-attempts"
+    poison: dict[str, Any] = {}
+
+    def run_files() -> list[Path]:
+        root = fault_bucket.server.root / out / "cubes.zarr" / "zarr.json"
+        run_id = json.loads(root.read_text())["attributes"]["drcr_pipeline_run"]["run_id"]
+        return sorted(starts.glob(f"{run_id}.*"))
 
     killed: set[int] = set()
+    actor: list[int] = []
+    title = fh.PREDICT_TITLE.rsplit(".", 1)[0]  # the actor, idle or running a call
+
+    def actor_pids() -> list[int]:
+        # Cached: a scan of /proc takes longer than a batch on the loaded box, the strike must not wait for it.
+        if not [p for p in actor if fh.proc_title(p).startswith(title)]:
+            actor[:] = [p for p in fh.pids_with_title(title) if fh.is_descendant(p, me) and p not in killed]
+        return list(actor)
 
     def kill() -> list[int] | None:
-        # A new worker each time (a killed one keeps its title until it is reaped).
-        pids = [
-            p for p in fh.pids_with_title("ray::_PredictorActor.run") if fh.is_descendant(p, me) and p not in killed
-        ]
+        pids = actor_pids()
+        if not pids:
+            return None
+        if "file" not in poison:
+            files = run_files()
+            target = files[0] if files else None
+        else:
+            target = poison["file"]
+        try:
+            size = target.stat().st_size if target else 0
+        except FileNotFoundError:
+            return None
+        if not size or size <= poison.get("struck", 0):
+            return None  # not started again since the last kill
+        if not fh.sigkill(pids):
+            return None
         killed.update(pids)
-        return pids if fh.sigkill(pids) else None
+        actor.clear()
+        if not target.exists():  # it had just finished: the kill struck another batch; not a strike on this one
+            poison.clear()
+            return None
+        poison.update(file=target, struck=size)
+        return pids
 
     killer = _Killer(
         kill,
-        times=5,
+        times=MAX_BATCH_ATTEMPTS + 1,  # one more than can land: the batch must not run a 5th time
         every=0.0,
         ready=lambda: bool(fh.complete_groups_local(fault_bucket.server.root / out / "cubes.zarr")),
     )
@@ -294,7 +391,9 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
         killer.join()
     rows = fh.read_rows(fault_bucket.fs, out)
     failed = {r["input"] for r in rows if r["status"] == "failed"}
-    assert len(killer.log) == 5 and 1 <= len(failed) <= 2, [
+    # MAX_BATCH_ATTEMPTS strikes; one more when it lands on the start that already fails the batch, before the
+    # failed record is sent (the retry of that start fails it again).
+    assert MAX_BATCH_ATTEMPTS <= len(killer.log) <= MAX_BATCH_ATTEMPTS + 1 and 1 <= len(failed) <= 2, [
         (r["input"], r["error"]) for r in rows if r["status"] != "ok"
     ]
     assert all(r["error_type"] == "InferenceError" for r in rows if r["status"] == "failed")
@@ -302,7 +401,7 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
     t0 = time.perf_counter()
     again = run_job(_spec(fault_bucket, "poison"))
     print(
-        f"\n[figures] poison batch: 5 kills in a row -> ok={first.ok} failed={first.failed}; "
+        f"\n[figures] poison batch: {len(killer.log)} kills of its starts -> ok={first.ok} failed={first.failed}; "
         f"rerun {time.perf_counter() - t0:.1f} s: ok={again.ok} skipped={again.skipped}"
     )
     counts = fh.check_against_reference(fault_bucket.fs, out, reference.ref, allow_skipped_complete=True)

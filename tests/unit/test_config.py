@@ -7,7 +7,9 @@ from pipeline.errors import ConfigError
 
 
 def test_toml_round_trip() -> None:
-    spec = JobSpec(inputs=["s3://b/a.tar"], output="s3://b/out", storage={"endpoint_url": "http://127.0.0.1:9000", "key_env": "K"})
+    spec = JobSpec(
+        inputs=["s3://b/a.tar"], output="s3://b/out", storage={"endpoint_url": "http://127.0.0.1:9000", "key_env": "K"}
+    )
     assert load_spec(spec.to_toml(), is_text=True) == spec
 
 
@@ -53,7 +55,11 @@ def test_unknown_keys_rejected() -> None:
 
 
 def test_overrides_parse_toml_scalars() -> None:
-    assert parse_overrides(["ray.actors=2", "inference.channels_last=true", "output=s3://x/y"]) == {"ray.actors": 2, "inference.channels_last": True, "output": "s3://x/y"}
+    assert parse_overrides(["ray.actors=2", "inference.channels_last=true", "output=s3://x/y"]) == {
+        "ray.actors": 2,
+        "inference.channels_last": True,
+        "output": "s3://x/y",
+    }
 
 
 def test_fingerprint_changes_with_output_affecting_fields_only() -> None:
@@ -84,3 +90,19 @@ def test_unset_halo_follows_the_weights() -> None:
     assert given.with_halo_for({"n_blocks": 10}).tiling.halo == 16
     assert load_spec(spec.to_toml(), is_text=True) == spec  # unset stays unset through TOML
     assert spec.with_halo_for({"n_blocks": 2}).fingerprint("w") != spec.with_halo_for({"n_blocks": 10}).fingerprint("w")
+
+
+def test_actor_pool_size_from_actors_or_min_max() -> None:
+    from pipeline.config import RaySpec
+
+    assert RaySpec().pool_size == (1, 1)
+    assert RaySpec(actors=3).pool_size == (3, 3)  # the shorthand: a fixed pool
+    assert RaySpec(min_actors=1, max_actors=4).pool_size == (1, 4)
+    assert RaySpec(max_actors=4).pool_size == (1, 4)
+    assert RaySpec(actors=2, min_actors=3).pool_size == (3, 3)
+    with pytest.raises(ConfigError, match=r"ray\.max_actors = 1: must be 0 .* >= the pool's minimum \(2\)"):
+        RaySpec(min_actors=2, max_actors=1)
+    with pytest.raises(ConfigError, match=r"ray\.min_actors"):
+        RaySpec(min_actors=-1)
+    with pytest.raises(ConfigError, match=r"ray\.gpu_wait_s"):
+        RaySpec(gpu_wait_s=-1)
