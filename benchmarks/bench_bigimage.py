@@ -83,7 +83,6 @@ def child(image: str, path: str, out: str) -> dict[str, float]:
             "inputs": [image],
             "output": out,
             "decode": {"max_pixels": 2_000_000_000, "stream_pixels": stream_pixels},
-            "inference": {"stand_in_latency_s": 0.001},
         }
     )
     w = untrained_demo_weights(Path(out) / "w").to_record()

@@ -21,7 +21,8 @@ Parts:
 * ``memory`` — peak RSS of the driver, the prepare (decode/tile) task and the inference actor (which also
   writes the cube) for 1024², 4096², 8192² images, each size in a fresh process with a fresh Ray so the
   peaks (``ru_maxrss``, reported by the pipeline in ``RunSummary.peak_rss``) are that size's own.
-* ``scaling`` — a stand-in model (``inference.stand_in_latency_s``: sleeps per batch, writes zeros) on
+* ``scaling`` — a stand-in model (``benchmarks/standin.py``, given to ``run_job`` as its ``predictor``:
+  sleeps per batch, writes zeros) on
   1, 2, 4, 8 actors with fractional CPUs, ≥ 20 batches per actor; steady-state tiles/s (actors'
   timestamps, first compute start → last compute end) vs ideal ``actors × batch / latency``; medians of 3.
 """
@@ -163,10 +164,14 @@ class Env:
         self.server.close()
 
 
-def run(spec: Any) -> Any:
-    from pipeline.execution import run_job
+def run(spec: Any, latency_s: float | None = None) -> Any:
+    """``spec`` run with the real model, or (``latency_s``) the stand-in sleeping that long per batch."""
+    from standin import stand_in
 
-    summary = run_job(spec)
+    from pipeline.execution import run_job
+    from pipeline.work import Predictor
+
+    summary = run_job(spec, predictor=Predictor if latency_s is None else stand_in(latency_s))
     if summary.failed or not summary.ok:
         raise RuntimeError(f"benchmark job failed: {summary.to_dict()}")
     return summary
@@ -285,14 +290,14 @@ def memory_child(args: argparse.Namespace) -> None:
     init_ray(num_cpus=2)
     spec = JobSpec.from_dict(env_info["spec"])
     before = peak_rss()
-    summary = run(spec)
+    summary = run(spec, env_info["stand_in_s"])
     print(json.dumps({"peak_rss": summary.peak_rss, "elapsed_s": summary.elapsed_s, "driver_before": before}))
 
 
 def part_memory(env: Env, args: argparse.Namespace) -> list[str]:
     config = args.memory_model
     weights = write_weights("tiny", env.work)
-    inference = {"stand_in_latency_s": 0.01} if config == "stand-in" else {}
+    stand_in_s = 0.01 if config == "stand-in" else None
     out = [
         "| image | ray.overlap_writes | decoded 8-bit MB | driver MB | prepare task MB | actor (model + writer) MB | prepare − decoded MB | job s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -302,11 +307,11 @@ def part_memory(env: Env, args: argparse.Namespace) -> list[str]:
         inputs = env.put_images(f"mem-{side}", [(side, side)])
         for overlap in args.memory_overlap:
             spec = env.spec(
-                inputs, weights, inference=inference,
+                inputs, weights,
                 tiling={"max_tile_pixels": 256 * 256, "tile_core": 256, "halo": 32},
                 ray={"actors": 1, "num_cpus_per_actor": 1, "decode_num_cpus": 1, "batch_size": 4, "max_images_in_flight": 1, "overlap_writes": overlap},
             )  # fmt: skip
-            child_env = os.environ | {"DRCR_BENCH_ENV": json.dumps({"spec": spec.to_dict()}), "PYTHONPATH": str(REPO)}
+            child_env = os.environ | {"DRCR_BENCH_ENV": json.dumps({"spec": spec.to_dict(), "stand_in_s": stand_in_s}), "PYTHONPATH": str(REPO)}
             proc = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True, env=child_env, check=False, timeout=1800)
             if proc.returncode != 0:
                 out.append(f"| {side}² | {overlap} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
@@ -343,7 +348,6 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
     for n in args.actors:
         cpu = 1.5 / max(n, 1) if n > 1 else 1.0
         sec = {
-            "inference": {"stand_in_latency_s": lat},
             "tiling": {"max_tile_pixels": 16, "tile_core": core, "halo": 0},
             "output_options": {"chunk": core},
             "ray": {"actors": n, "num_cpus_per_actor": cpu, "decode_num_cpus": 0.5 / 4, "batch_size": bs, "max_images_in_flight": max(4, n)},
@@ -356,7 +360,7 @@ def part_scaling(env: Env, args: argparse.Namespace) -> list[str]:
         for _ in range(args.reps):
             print(f"  … scaling {n} actors", file=sys.stderr, flush=True)
             b0, t0 = cpu_ticks()
-            s = run(env.spec(inputs, weights, **sec))
+            s = run(env.spec(inputs, weights, **sec), lat)
             b1, t1 = cpu_ticks()
             host.append((b1 - b0) / (t1 - t0) if t1 > t0 else float("nan"))
             c = s.compute

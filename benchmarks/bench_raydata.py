@@ -43,8 +43,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from bench_pipeline import jpeg, machine_line, photo  # noqa: E402
-
-from pipeline.work import Predictor  # noqa: E402
+from standin import ZeroLatency  # noqa: E402
 
 SIZES = [(320, 440), (360, 480), (380, 520), (400, 560), (420, 600), (440, 560), (400, 640), (420, 640)]
 """Eight photos of 0.14–0.27 MP."""
@@ -153,23 +152,6 @@ def part_compare(work: Path, args: argparse.Namespace) -> list[str]:
 
 
 # --- capacity --------------------------------------------------------------------------------------------------
-
-
-class ZeroLatency(Predictor):
-    """A predictor that returns at once: no model and no writes; only the per-tile QA statistics the driver's
-    completion step reduces (of zero cubes), so every record is what a real batch sends back."""
-
-    def run(self, group, scale, tiles, windows, means=None):  # type: ignore[no-untyped-def]
-        from pipeline import qa
-        from pipeline.provenance import host_info
-        from pipeline.work import _core_inputs
-
-        now = time.time()
-        outputs = [np.zeros((len(self.ctx.bands_nm), t.core_h, t.core_w), dtype=np.float32) for t in tiles]
-        stats = qa.tile_stats(_core_inputs(scale, tiles, windows), outputs, self._response)
-        return {"infer_s": 0.0, "write_s": 0.0, "infer_cpu_s": 0.0, "compute_start": now, "compute_end": now,
-                "pixels": int(sum(t.core_h * t.core_w for t in tiles)), "device": "stand-in",
-                "host": host_info()["hostname"], "pid": os.getpid(), "peak_rss": 0, "qa": stats, "qa_s": 0.0}  # fmt: skip
 
 
 def capacity_run(work: Path, folder: Path, batch_size: int, actors: int) -> dict[str, float]:

@@ -84,9 +84,6 @@ class InferenceSpec:
     device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
     ensemble: test-time ensemble, 1 (off), 2, 4 or 8 flips/transposes averaged (that many times the
       compute; README "Test-time ensemble").
-    stand_in_latency_s: benchmarks only (``benchmarks/bench_pipeline.py``): > 0 replaces the model by a
-      stand-in that sleeps this long per batch and outputs zeros, to measure scheduling overhead without
-      compute. Never set it for real work: the cubes are zeros (provenance records the value).
     """
 
     mode: str = "pad"
@@ -96,7 +93,6 @@ class InferenceSpec:
     channels_last: bool = True
     device: str = "auto"
     ensemble: int = 1
-    stand_in_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.mode in ("pad", "authors"), "inference", "mode", self.mode, "must be 'pad' or 'authors'")
@@ -109,13 +105,6 @@ class InferenceSpec:
         )
         _check(self.device in ("auto", "cpu", "cuda"), "inference", "device", self.device, "must be auto, cpu or cuda")
         _check(self.ensemble in (1, 2, 4, 8), "inference", "ensemble", self.ensemble, "must be 1, 2, 4 or 8")
-        _check(
-            self.stand_in_latency_s >= 0,
-            "inference",
-            "stand_in_latency_s",
-            self.stand_in_latency_s,
-            "must be >= 0 (0: the real model)",
-        )
 
 
 TILE_STATISTICS_HALO = 32
@@ -476,12 +465,17 @@ class JobSpec:
         relevant = {
             "package_version": __version__,
             "weights_sha256": weights_sha256,
-            "inference": dataclasses.asdict(self.inference) | {"device": None},
+            "inference": dataclasses.asdict(self.inference) | {"device": None, **_GONE_INFERENCE_FIELDS},
             "tiling": dataclasses.asdict(self.tiling),
             "output_options": _output_fingerprint(self.output_options),
             "batch_size": self.ray.batch_size,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+_GONE_INFERENCE_FIELDS = {"stand_in_latency_s": 0.0}
+"""Fields the inference section no longer has, at the value every real job had: they stay in the fingerprint
+so outputs made before they went keep their fingerprint (and are not redone)."""
 
 
 def _output_fingerprint(spec: OutputSpec) -> dict[str, Any]:

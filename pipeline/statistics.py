@@ -4,8 +4,8 @@
 before the tiles are predicted, passes over all tiles find each DRCR block's whole-image input mean
 (:mod:`drcr_model.recalibration`). One pass = every batch of tiles → :func:`tile_sums` (a map, on any
 worker) → add the sums → :meth:`GatherState.update` (the reduction); memory is one batch of windows.
-:func:`gather_statistics` runs the passes in this process; :mod:`pipeline.execution` runs the map on the
-predictor actors and the reduction in a small task, with the same two functions.
+:func:`gather_statistics` runs the passes in this process; on Ray the inference actor that takes the image
+runs them (:meth:`pipeline.work.Predictor.gather_means`, :mod:`pipeline.predict`) with the same functions.
 """
 
 from __future__ import annotations

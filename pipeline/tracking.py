@@ -12,6 +12,7 @@ settles as failed once all its records are in, so no batch of it is still writin
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,16 @@ from pipeline.manifest import ManifestRow
 from pipeline.tiling import Tile
 from pipeline.work import ImageMeta
 
-__all__ = ["PreparedBatch", "PreparedImage", "BatchRecord", "ImageDone", "CompletionTracker"]
+__all__ = ["PreparedBatch", "PreparedImage", "BatchRecord", "ImageDone", "CompletionTracker", "pack", "unpack"]
+
+
+def pack(record: Any) -> bytes:
+    """A record (or work item) as the bytes one dataset row carries between the stages of a run."""
+    return pickle.dumps(record, protocol=5)
+
+
+def unpack(data: Any) -> Any:
+    return pickle.loads(data)  # noqa: S301 - records this job's own workers made
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

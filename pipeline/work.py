@@ -270,7 +270,7 @@ def bound_heap() -> None:
     with two batches in flight (``ray.overlap_writes``) an actor held ~60 MB more than the buffers in use
     (1.32× from a 1024² to an 8192² image, README "Performance"). A fixed threshold (which also turns the
     adjustment off) removes that. Used in actors whose model does not compute on the CPU (GPU, or the
-    benchmark stand-in): CPU convolutions allocate such buffers by the hundred per forward pass, and mapping
+    benchmarks' stand-in, ``benchmarks/standin.py``): CPU convolutions allocate such buffers by the hundred per forward pass, and mapping
     and zero-filling each anew made CPU inference 1.55× slower (CPU actors trim instead, see
     :func:`release_free_memory`). Not in tasks: Ray reuses their worker processes for other tasks, and the
     setting cannot be undone. Idempotent; a no-op off glibc.
@@ -347,7 +347,7 @@ class Predictor:
         if not self._device_encode:
             cubes.warm_encoder(ctx.spec.output_options)  # numba compiles here, not in the first write
         self._stream: Any = None
-        self._heap_bounded = self.device.type != "cpu" or ctx.spec.inference.stand_in_latency_s > 0
+        self._heap_bounded = self._bounds_heap()
         if self._heap_bounded:
             bound_heap()  # not for CPU compute: see bound_heap
         self._batches, self._count_lock = 0, threading.Lock()
@@ -364,8 +364,13 @@ class Predictor:
         # Calls may run in two threads (``ray.overlap_writes``): one computes while the other writes its
         # cores; the lock keeps computes one at a time, so torch's threads are never oversubscribed.
         self._compute = threading.Lock()
-        if ctx.spec.inference.stand_in_latency_s == 0:
-            self._warm_up()
+        self._warm_up()
+
+    def _bounds_heap(self) -> bool:
+        """Whether this predictor fixes glibc's mmap threshold (:func:`bound_heap`): off the CPU, where no
+        convolution pays for the fixed threshold; a CPU predictor trims its heaps every ``TRIM_EVERY``
+        batches instead."""
+        return self.device.type != "cpu"
 
     def _warm_up(self) -> None:
         """One forward of a small input before the first batch. A fresh process's first forward (torch's
@@ -514,9 +519,6 @@ class Predictor:
         from drcr_model.inference import forward, forward_tensor, pad_chw, reconstruct
 
         inf = self.ctx.spec.inference
-        if inf.stand_in_latency_s > 0:  # benchmark stand-in (config.InferenceSpec): no model, fixed latency
-            time.sleep(inf.stand_in_latency_s)
-            return [np.zeros((len(self.ctx.bands_nm), t.core_h, t.core_w), dtype=np.float32) for t in tiles]
         scale32 = np.float32(scale)
         if len(tiles) == 1 and tiles[0].whole:
             x = windows[0].astype(np.float32) / scale32

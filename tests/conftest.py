@@ -25,11 +25,13 @@ import pytest
 # inherited by subprocesses (CLI runs) too.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-# tests/ holds helper modules (s3server.py) that are not a package; make them importable however pytest
-# was started (rootdir, an IDE, `python -m pytest tests/unit/...`).
+# tests/ holds helper modules (s3server.py) that are not a package, and benchmarks/ the stand-in predictors
+# (standin.py) some tests inject; make them importable however pytest was started (rootdir, an IDE,
+# `python -m pytest tests/unit/...`).
 _TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
+for _dir in (str(Path(_TESTS_DIR).parent / "benchmarks"), _TESTS_DIR):
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)
 
 from s3server import S3Server  # noqa: E402
 

@@ -31,9 +31,9 @@ from PIL import Image
 from pipeline.sample import sample_image
 
 REPO = Path(__file__).resolve().parents[2]
-PREDICT_TITLE = "ray::MapWorker(MapBatches(_Predict)).submit"
+PREDICT_TITLE = "ray::MapWorker(MapBatches(Predict)).submit"
 """The process title Ray gives an inference actor while it runs a batch (Ray Data's actor pool worker for
-``pipeline.execution._Predict``, method ``submit``)."""
+``pipeline.predict.Predict``, method ``submit``)."""
 PYTHON = str(Path(os.sys.executable))  # the venv's python (pytest runs under it)
 
 # Inputs: loose PNGs and a tar of PNGs, 48×48 → 9 tiles of core 16 each (tiling forced with a small

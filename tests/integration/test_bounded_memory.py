@@ -48,19 +48,20 @@ def test_prepare_stage_hands_over_windows_in_bounded_blocks(tmp_path, ray_local,
     import ray.data
 
     from pipeline import execution
-    from pipeline.execution import ImageTask
+    from pipeline.planning import ImageTask
+    from pipeline.prepare import prepare_rows
     from pipeline.sources import ImageRef
-    from pipeline.tracking import PreparedBatch
+    from pipeline.tracking import PreparedBatch, pack, unpack
 
     spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2}, "tile")
     work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
 
     def blocks() -> list[int]:
         execution._configure_data_context()
-        ds = ray.data.from_items([{"item": execution._pack(w)} for w in work])
-        ds = ds.flat_map(execution._prepare_rows, fn_args=(ctx,)).materialize()
+        ds = ray.data.from_items([{"item": pack(w)} for w in work])
+        ds = ds.flat_map(prepare_rows, fn_args=(ctx,)).materialize()
         sizes = [e.metadata.num_rows for bundle in ds.iter_internal_ref_bundles() for e in bundle.blocks]
-        batches = [execution._unpack(r["batch"]) for r in ds.iter_rows()]
+        batches = [unpack(r["batch"]) for r in ds.iter_rows()]
         assert all(isinstance(b, PreparedBatch) for b in batches) and len(batches) == 32
         assert sorted(b.index for b in batches) == list(range(32))
         return sizes
@@ -77,15 +78,15 @@ def test_an_image_with_gathered_statistics_leaves_prepare_as_one_row_without_win
     the image's size."""
     import ray.data
 
-    from pipeline import execution
-    from pipeline.execution import ImageTask
+    from pipeline.planning import ImageTask
+    from pipeline.prepare import prepare_rows
     from pipeline.sources import ImageRef
-    from pipeline.tracking import PreparedImage
+    from pipeline.tracking import PreparedImage, pack, unpack
 
     spec, ctx, path = _context(tmp_path, {"actors": 1, "max_batches_per_actor": 1, "batch_size": 2})
     work = [ImageTask(ref=ImageRef(source=path, member=None, kind="file"))]
-    ds = ray.data.from_items([{"item": execution._pack(w)} for w in work])
-    rows = [execution._unpack(r["batch"]) for r in ds.flat_map(execution._prepare_rows, fn_args=(ctx,)).iter_rows()]
+    ds = ray.data.from_items([{"item": pack(w)} for w in work])
+    rows = [unpack(r["batch"]) for r in ds.flat_map(prepare_rows, fn_args=(ctx,)).iter_rows()]
     assert len(rows) == 1 and isinstance(rows[0], PreparedImage)
     image = rows[0]
     assert (image.count, len(image.meta.tiles)) == (32, 64)

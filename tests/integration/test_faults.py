@@ -209,7 +209,7 @@ def test_pool_grows_onto_a_node_that_joins_mid_job(fault_bucket, reference, tmp_
     out = json.loads(result.read_text())
     s = out["summary"]
     server.restart()  # the host's rclone caches directory listings; the namespace's rclone wrote the output
-    actors = [a for a in out["kill"]["actors"] if "_Predict" in a["class"]]
+    actors = [a for a in out["kill"]["actors"] if "MapBatches(Predict)" in a["class"]]
     print(
         f"\n[figures] node joins mid-job: joined at {out['kill'].get('joined_s')} s of {out['elapsed_s']:.1f} s "
         f"({out['kill'].get('complete_before_join')} of {fh.N_INPUTS} cubes complete then, {out['kill'].get('join_attempts')} node start(s)); "
@@ -326,11 +326,12 @@ def test_poison_batch_fails_its_image_and_a_rerun_redoes_it(fault_bucket, refere
     import json
     import tempfile
 
-    from pipeline.execution import MAX_BATCH_ATTEMPTS, run_job
+    from pipeline.execution import run_job
+    from pipeline.predict import MAX_BATCH_ATTEMPTS
 
     me = os.getpid()
     out = f"{fault_bucket.name}/poison"
-    # Each batch in flight has a file there that grows by a byte per start (pipeline.execution._BatchAttempts).
+    # Each batch in flight has a file there that grows by a byte per start (pipeline.predict.BatchAttempts).
     # The poison batch is the first one struck; the actor is killed again each time that batch starts again.
     # (Killing the restarted actor as soon as it runs any call struck later batches of the retried block once
     # the earlier ones finished before the kill landed: then no batch reached 5 starts.)

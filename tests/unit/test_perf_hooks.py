@@ -1,4 +1,5 @@
-"""Benchmark hooks and the overlapped-write predictor: stand-in latency, peak RSS, thread safety."""
+"""Benchmark hooks and the overlapped-write predictor: the stand-in predictor (``benchmarks/standin.py``), peak
+RSS, thread safety."""
 
 from __future__ import annotations
 
@@ -8,38 +9,33 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import zarr
+from standin import StandIn, stand_in
 
 from drcr_model.weights import untrained_demo_weights
 from pipeline import cubes
-from pipeline.config import InferenceSpec, JobSpec
-from pipeline.errors import ConfigError
+from pipeline.config import JobSpec
 from pipeline.tiling import plan_tiles
 from pipeline.work import JobContext, Predictor, peak_rss
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_stand_in_latency_is_validated() -> None:
-    assert InferenceSpec().stand_in_latency_s == 0.0
-    with pytest.raises(ConfigError, match="stand_in_latency_s"):
-        InferenceSpec(stand_in_latency_s=-1)
-
-
 def test_peak_rss_is_bytes() -> None:
     assert peak_rss() > 10 * 1024 * 1024
 
 
-@pytest.mark.parametrize("stand_in", [0.0, 0.01])
-def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, stand_in: float) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("latency_s", [None, 0.01], ids=["model", "stand-in"])
+def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, latency_s: float | None) -> None:  # type: ignore[no-untyped-def]
     from pipeline import work
 
     monkeypatch.setattr(work, "bound_heap", lambda: None)  # it cannot be undone in this test process
     w = untrained_demo_weights(tmp_path / "w")
-    spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "out"), "inference": {"stand_in_latency_s": stand_in}, "output_options": {"chunk": 16}})
+    spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "out"), "output_options": {"chunk": 16}})
     ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
-    pred = Predictor(ctx, device="cpu")
+    pred = Predictor(ctx, device="cpu") if latency_s is None else StandIn(ctx, latency_s=latency_s, device="cpu")
     tiles = plan_tiles(64, 64, max_tile_pixels=16, tile_core=16, halo=8)
     cubes.create_cube(pred.store, "g", height=64, width=64, bands_nm=ctx.bands_nm, spec=spec.output_options, provenance={})
     windows = [np.full((t.height, t.width, 3), 100, np.uint8) for t in tiles]
@@ -53,7 +49,7 @@ def test_concurrent_runs_write_every_core(tmp_path, monkeypatch, stand_in: float
     cube = zarr.open_array(pred.store, path="g/cube", mode="r")[:]
     assert len(results) == len(batches) and all(r["peak_rss"] > 0 for r in results)
     assert not np.isnan(cube).any()  # every core written before each run() returned
-    if stand_in:
+    if latency_s is not None:
         assert (cube == 0).all()
 
 
@@ -103,12 +99,46 @@ def test_cpu_predictor_trims_every_few_batches_and_others_bound_the_heap(tmp_pat
     w = untrained_demo_weights(cache_dir=tmp_path / "w")
     tiles = plan_tiles(16, 16, max_tile_pixels=1, tile_core=8, halo=4)
     window = np.zeros((16, 16, 3), np.uint8)
-    for latency, expect in [(0.0, ["trim", "trim"]), (0.01, ["bound"])]:
+    for name, make, expect in [("model", Predictor, ["trim", "trim"]), ("stand-in", stand_in(0.01), ["bound"])]:
         calls.clear()
-        spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / f"o{latency}"), "weights": {"path": w.url}, "inference": {"device": "cpu", "stand_in_latency_s": latency}, "tiling": {"tile_core": 8, "halo": 4}, "output_options": {"chunk": 8}})
+        spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / f"o-{name}"), "weights": {"path": w.url}, "inference": {"device": "cpu"}, "tiling": {"tile_core": 8, "halo": 4}, "output_options": {"chunk": 8}})
         ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
         cubes.create_cube(cubes.open_cubes(spec.output), "g", height=16, width=16, bands_nm=ctx.bands_nm, spec=spec.output_options, provenance={})
-        predictor = Predictor(ctx, num_cpus=1)
+        predictor = make(ctx, num_cpus=1)
         for _ in range(2 * work.TRIM_EVERY + 1):
             predictor.run("g", 255.0, tiles[:1], [window])
-        assert calls == expect, latency
+        assert calls == expect, name
+
+
+@pytest.mark.integration
+def test_stand_in_injected_through_run_job_writes_every_core(tmp_path: Path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    """The benchmarks' way in: ``run_job(spec, predictor=stand_in(latency))`` runs the stand-in on every
+    actor (its latency in each batch's compute time, its zeros in every cube), and every core of every image
+    is written and marked complete, tiled images with global statistics (one row per image) and with tile
+    statistics (batch rows) alike."""
+    from PIL import Image
+
+    from pipeline.execution import run_job
+    from pipeline.sample import sample_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(7)
+    for name, (h, w) in {"a.png": (40, 56), "b.png": (48, 32)}.items():
+        Image.fromarray(sample_image(rng, h, w)).save(src / name)
+    weights = untrained_demo_weights(tmp_path / "w")
+    latency = 0.02
+    for statistics in ("global", "tile"):
+        out = tmp_path / f"out-{statistics}"
+        spec = JobSpec.from_dict({"inputs": [str(src)], "output": str(out), "weights": {"path": weights.url}, "tiling": {"max_tile_pixels": 256, "tile_core": 16, "halo": 8, "statistics": statistics}, "output_options": {"chunk": 16}, "ray": {"actors": 1, "num_cpus_per_actor": 1, "batch_size": 2}})  # fmt: skip
+        summary = run_job(spec, predictor=stand_in(latency))
+        assert (summary.ok, summary.failed) == (2, 0), summary.to_dict()
+        batches = summary.compute["batches"]
+        assert batches == 12 // 2 + 6 // 2  # cores of 16²: 3 × 4 and 3 × 2 tiles, 2 per batch
+        assert summary.compute["busy_s"] >= batches * latency  # every batch slept: the stand-in, not the model
+        store = cubes.open_cubes(str(out), {})
+        for row in pq.read_table(out / "manifest" / "manifest.parquet").to_pylist():
+            assert (cubes.read_status(store, row["group"]) or {}).get("complete") is True
+            cube = zarr.open_array(store, path=f"{row['group']}/cube", mode="r")[:]
+            assert cube.shape == (31, row["height"], row["width"])
+            assert (cube == 0).all()  # every core written (no fill left), with the stand-in's zeros

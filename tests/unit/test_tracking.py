@@ -107,7 +107,7 @@ def test_inconsistent_records_are_a_programming_error() -> None:
 
 
 def test_compute_stats_all_active_window() -> None:
-    from pipeline.execution import compute_stats
+    from pipeline.summary import compute_stats
 
     # actor 1 computes 0..3 s, actor 2 starts at 1 s and computes 1..4 s: all active from 1 to 3 s.
     results = [_result(i, pid=1) for i in range(3)] + [_result(i, pid=2, start=1.0) for i in range(3)]
