@@ -71,6 +71,14 @@ DEFAULT_CHECKSUM_POLICY = "when_required"
 #: each). A refused or black-holed endpoint then costs attempts × these, not minutes per request.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 30.0
+#: Seconds an S3 request may wait for a free connection of its client's pool. aiohttp leaves that wait
+#: unbounded: a slot never handed back (a response nobody closed) parks every later request of the process,
+#: with no error. Bounded, it ends in botocore's ConnectTimeoutError, which its retry modes retry. Generous, so
+#: a legitimately long queue (a batch putting many chunks at once to a slow endpoint) is not cut off.
+POOL_WAIT_S = 120.0
+#: The slowest average rate an S3 upload may go at before it is given up (and retried by botocore): aiohttp
+#: has no write time-out, so without one a server that stops reading holds a PUT forever.
+UPLOAD_MIN_BYTES_PER_S = 1 << 20
 #: Seconds the first contact with each storage endpoint may take, retries included (``storage.deadline_s``):
 #: a job whose endpoint refuses or never answers fails with one line instead of retrying for minutes.
 DEFAULT_DEADLINE_S = 20.0
@@ -441,8 +449,16 @@ def _s3_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
     config.setdefault("response_checksum_validation", DEFAULT_CHECKSUM_POLICY)
     config.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     config.setdefault("read_timeout", DEFAULT_READ_TIMEOUT)
+    config.setdefault("http_session_cls", _bounded_session())
     opts["config_kwargs"] = config
     return opts
+
+
+def _bounded_session() -> type:
+    """aiobotocore's aiohttp session with every wait of a request bounded (:mod:`pipeline._http`)."""
+    from pipeline._http import BoundedSession  # deferred: aiobotocore is imported only for S3
+
+    return BoundedSession
 
 
 def safe_options_for_record(

@@ -127,13 +127,6 @@ def _check_cubes_complete(spec: JobSpec, opts: dict[str, Any], groups: list[str]
         assert np.isfinite(np.asarray(grp["cube"][:])).all(), g
 
 
-# Known defect, open (issue 11's closing note, 2026-12-02): on this machine a store write of the first
-# run sometimes never returns (an actor waits in zarr's sync under a preview or cube write; the S3 server
-# answers other requests; aiohttp's read time-out does not fire), reproduced on the last landed tree and
-# on the current one alike, 5 runs in 6 alone; the run then hangs or ends with one image failed. Marked so
-# that it cannot hang CI; it still runs every time and reports XPASS when it passes.
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=False, reason="intermittent store write that never returns (rclone S3 server), open")
 def test_reruns_skip_without_reading_redo_only_what_changed_and_the_catalog_accumulates(
     archive: Any, ray_local: Any, read_counter: ReadCounter
 ) -> None:

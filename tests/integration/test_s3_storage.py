@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,3 +192,90 @@ def test_ray_tasks_reach_the_server(ray_local, s3_bucket) -> None:
     assert ray_local.get(task.remote(join(url, "from-driver.bin"), join(url, "from-worker.bin"))) == 6
     _, out = open_fs(join(url, "from-worker.bin"), options)
     assert read_bytes(fs, out) == b"driver+worker"
+
+
+class _NeverAnswers:
+    """A TCP server that accepts connections and then neither reads nor answers: a hung S3 endpoint whose
+    kernel still holds the connections open."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+# 4 KiB fits the socket buffers: botocore's ``Expect: 100-continue`` left aiohttp waiting, with no time-out,
+# for a ``100`` that never comes. 32 MiB does not: the body's send stalls once the server stops reading,
+# and aiohttp has no write time-out.
+@pytest.mark.parametrize("size", [4 << 10, 32 << 20], ids=["small", "large"])
+def test_a_put_to_a_server_that_never_answers_ends_in_an_error(size: int, monkeypatch) -> None:
+    from pipeline import storage
+
+    monkeypatch.setattr(storage, "UPLOAD_MIN_BYTES_PER_S", 64 << 20)
+    monkeypatch.setattr(storage, "POOL_WAIT_S", 1.0)
+    server = _NeverAnswers()
+    config = {"read_timeout": 1.0, "connect_timeout": 1.0, "retries": {"max_attempts": 1, "mode": "standard"}}
+    fs, path = open_fs(
+        f"s3://bucket/hung-{size}.bin", {"key": "k", "secret": "s", "endpoint_url": server.url, "config_kwargs": config}
+    )
+    fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+    outcome: dict[str, BaseException | None] = {}
+
+    def put() -> None:
+        try:
+            fs.pipe_file(path, b"x" * size)
+            outcome["error"] = None
+        except BaseException as exc:  # handed to the test's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=put, daemon=True)
+    worker.start()
+    worker.join(60)
+    server.close()
+    assert "error" in outcome, "the PUT never returned"
+    assert isinstance(outcome["error"], OSError) and "timeout" in str(outcome["error"]).lower(), outcome["error"]
+
+
+def test_a_request_waiting_on_a_stuck_connection_pool_ends_in_an_error(s3_bucket, monkeypatch) -> None:
+    """The pool's only connection is held by a response nobody closes: the next request of the process ends,
+    within the pool-wait bound, in an error (aiohttp would wait forever); once the connection is released
+    the same client works again."""
+    import time
+
+    import fsspec.asyn
+
+    from pipeline import storage
+
+    monkeypatch.setattr(storage, "POOL_WAIT_S", 1.0)
+    url, options = s3_bucket
+    config = {**(options.get("config_kwargs") or {}), "max_pool_connections": 1, "connect_timeout": 1.0}
+    config["retries"] = {"max_attempts": 1, "mode": "standard"}
+    fs, path = open_fs(join(url, "held.bin"), {**options, "config_kwargs": config})
+    fs.retries = 1
+    data = b"x" * (8 << 20)  # more than the socket buffers hold, so the held response keeps its connection
+    write_bytes(fs, path, data)
+    bucket, key = path.split("/", 1)
+    held = fsspec.asyn.sync(fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key)  # body left unread
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="(?i)connect"):
+            fs.cat_file(path)
+        assert time.monotonic() - t0 < 15
+    finally:
+        held["Body"].close()
+    assert fs.cat_file(path) == data
