@@ -416,14 +416,8 @@ class Predictor:
                 [(tile.core_y0, tile.core_x0, core) for tile, core in zip(tiles, on_device or outputs)],
                 threads=self._encode_threads,
             )
-        del on_device
-        if not self._heap_bounded:
-            with self._count_lock:
-                self._batches += 1
-                trim = self._batches % TRIM_EVERY == 0
-            if trim:
-                del outputs
-                release_free_memory()  # outside the compute lock: overlaps the next batch's compute
+        del on_device, outputs
+        self._count_batch()
         t2 = time.perf_counter()
         return {
             "infer_s": t1 - t0,
@@ -454,7 +448,7 @@ class Predictor:
             return None
         with self._compute:
             batch = windows_to_batch(windows, scale)
-            return tile_sums(
+            sums = tile_sums(
                 self.model,
                 batch,
                 tiles,
@@ -463,6 +457,20 @@ class Predictor:
                 state.means,
                 channels_last=self.ctx.spec.inference.channels_last,
             )
+        del batch
+        self._count_batch()  # a pass's batches grow the heap as the prediction's do
+        return sums
+
+    def _count_batch(self) -> None:
+        """Count a batch (prediction or statistics pass); a CPU predictor trims its heaps every
+        ``TRIM_EVERY`` of them, outside the compute lock, so the trim overlaps the next batch's compute."""
+        if self._heap_bounded:
+            return
+        with self._count_lock:
+            self._batches += 1
+            trim = self._batches % TRIM_EVERY == 0
+        if trim:
+            release_free_memory()
 
     def gather_means(self, scale: float, image: Any, tiles: list[Tile], batch_size: int) -> tuple[np.ndarray, int]:
         """The image's gathered re-calibration means [n_blocks, C] and the passes it took: the passes of

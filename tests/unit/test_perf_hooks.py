@@ -110,6 +110,24 @@ def test_cpu_predictor_trims_every_few_batches_and_others_bound_the_heap(tmp_pat
         assert calls == expect, name
 
 
+def test_cpu_predictor_trims_during_statistics_passes_too(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An image with global statistics runs its passes on the actor before its batches: a pass's batches
+    count toward ``TRIM_EVERY`` as predictions do (untrimmed, the tiny model's CPU actor reached 1.86x its
+    1024² peak at 8192²)."""
+    from pipeline import work
+
+    calls: list[str] = []
+    monkeypatch.setattr(work, "release_free_memory", lambda: calls.append("trim"))
+    w = untrained_demo_weights(cache_dir=tmp_path / "w")
+    tiles = plan_tiles(32, 32, max_tile_pixels=1, tile_core=8, halo=4)  # 16 tiles
+    spec = JobSpec.from_dict({"inputs": ["x"], "output": str(tmp_path / "o"), "weights": {"path": w.url}, "inference": {"device": "cpu"}, "tiling": {"tile_core": 8, "halo": 4}, "output_options": {"chunk": 8}})
+    ctx = JobContext(spec=spec, weights=w.to_record(), fingerprint="f", run_id="r")
+    predictor = Predictor(ctx, num_cpus=1)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    _, passes = predictor.gather_means(255.0, image, tiles, batch_size=1)
+    assert passes >= 1 and calls.count("trim") == passes * len(tiles) // work.TRIM_EVERY
+
+
 @pytest.mark.integration
 def test_stand_in_injected_through_run_job_writes_every_core(tmp_path: Path, ray_local) -> None:  # type: ignore[no-untyped-def]
     """The benchmarks' way in: ``run_job(spec, predictor=stand_in(latency))`` runs the stand-in on every
