@@ -8,11 +8,11 @@
     nice -n 10 python benchmarks/train_default_weights.py --config jobs/default_weights_finetune.toml
 
 A job whose ``init_weights`` is another job's ``last.pth`` (``jobs/default_weights_finetune.toml`` starts
-from ``jobs/default_weights.toml``, ``--init-config``) is trained after that job, with a fresh optimizer
-and lr schedule.
+from ``jobs/default_weights.toml``) is trained after that job, and that one after its own (the chain is
+found in ``jobs/``), each with a fresh optimizer and lr schedule.
 
 Stages:
-1. ``init``: train the ``--init-config`` job when ``--config``'s ``init_weights`` names its checkpoint.
+1. ``init``: train the jobs ``--config`` starts from (its ``init_weights``, and theirs), first job first.
 2. ``train``: train the ``--config`` job in this process (CPU), a checkpoint every ``checkpoint_every``
    iterations (``checkpoint_{iter:08d}.pth`` and ``last.pth``), stopping early if ``--max-minutes`` of wall
    time run out; the iteration reached is recorded and ``--resume`` continues from ``last.pth`` bit for bit.
@@ -102,7 +102,7 @@ def stage_train(config: TrainConfig, max_minutes: float, *, resume: bool = False
     log.info("trained %s to iteration %d", out, trainer.iteration)
 
 
-def stage_export(config: TrainConfig, init: TrainConfig | None) -> None:
+def stage_export(config: TrainConfig, chain: list[TrainConfig], config_path: str) -> None:
     from drcr_model.evaluate import evaluate_default_weights
 
     out = Path(config.out_dir)
@@ -112,7 +112,9 @@ def stage_export(config: TrainConfig, init: TrainConfig | None) -> None:
     pt = WEIGHTS_DIR / "default.pt"
     torch.save(ckpt["state_dict"], pt)
     sha = hashlib.sha256(pt.read_bytes()).hexdigest()
-    metrics, table = evaluate_default_weights(pt, config, out_dir=out, **HELDOUT)
+    # The baselines are fitted on the first job's scenes whatever job trained last, so the table (and the goal
+    # relative to the baselines) does not move with the data of a fine-tune.
+    metrics, table = evaluate_default_weights(pt, chain[0] if chain else config, out_dir=out, **HELDOUT)
     done = summary["iterations_done"]
     meta: dict[str, Any] = {
         "trained_on": "synthetic scenes (drcr_model.scenes: earthlib + ColorChecker reflectances, colour-science "
@@ -124,12 +126,12 @@ def stage_export(config: TrainConfig, init: TrainConfig | None) -> None:
         "train_seconds": summary["train_seconds"],
         "steps_per_second": summary["steps_per_second"],
         "parameters": sum(v.numel() for v in ckpt["state_dict"].values()),
-        "reproduce": f"nice -n 10 python benchmarks/train_default_weights.py --iterations {done}",
+        "reproduce": f"nice -n 10 python benchmarks/train_default_weights.py --config {_repo_relative(config_path)}",
         "torch": torch.__version__,
     }
-    if init is not None:  # the init job runs without a wall-time cap, so to its configured iterations
-        meta["init_recipe"] = init.to_dict()
-        meta["iterations_total"] = init.total_iterations + done
+    if chain:  # init jobs run without a wall-time cap, so to their configured iterations
+        meta["init_recipes"] = [job.to_dict() for job in chain]
+        meta["iterations_total"] = sum(job.total_iterations for job in chain) + done
     record = {
         "name": f"drcr-synthetic-c{config.model.channels}-b{config.model.n_blocks}",
         "file": "default.pt",
@@ -214,24 +216,31 @@ def readme_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _init_job(config: TrainConfig, init_config: str) -> TrainConfig | None:
-    """The job whose checkpoint the final job starts from, or None when it starts from scratch."""
-    if not config.init_weights:
-        return None
-    init = TrainConfig.from_toml(init_config)
-    if Path(config.init_weights) != Path(init.out_dir) / "last.pth":
-        raise ValueError(f"{config.init_weights=} is not the last.pth of {init_config} (out_dir={init.out_dir})")
-    return init
+def _repo_relative(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def init_chain(config: TrainConfig) -> list[TrainConfig]:
+    """The jobs ``config`` starts from, first job first (empty when it starts from scratch): each job's
+    ``init_weights`` must be the ``last.pth`` of exactly one ``jobs/default_weights*.toml``."""
+    jobs = [TrainConfig.from_toml(str(f)) for f in sorted((REPO / "jobs").glob("default_weights*.toml"))]
+    chain: list[TrainConfig] = []
+    job = config
+    while job.init_weights:
+        parents = [c for c in jobs if Path(c.out_dir) / "last.pth" == Path(job.init_weights)]
+        if len(parents) != 1:
+            raise ValueError(f"{job.init_weights=}: {len(parents)} jobs in jobs/ write it; expected one")
+        job = parents[0]
+        if job in chain:
+            raise ValueError(f"{job.out_dir}: the init_weights of jobs/ form a cycle")
+        chain.insert(0, job)
+    return chain
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "jobs" / "default_weights.toml"))
-    p.add_argument(
-        "--init-config",
-        default=str(REPO / "jobs" / "default_weights.toml"),
-        help="the job whose last.pth --config starts from",
-    )
     p.add_argument("--stage", choices=["all", "init", "train", "export", "table", "curve"], default="all")
     p.add_argument("--every", type=int, default=200, help="curve: evaluate every this many iterations")
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-time cap for the final job (0: none)")
@@ -249,13 +258,14 @@ def main() -> int:
         torch.set_num_threads(config.threads or torch.get_num_threads())
         print(curve_table(config, args.every))
         return 0
-    init = _init_job(config, args.init_config)
-    if args.stage in ("all", "init") and init is not None:
-        stage_train(init, 0.0)
+    chain = init_chain(config)
+    if args.stage in ("all", "init"):
+        for job in chain:
+            stage_train(job, 0.0)
     if args.stage in ("all", "train"):
         stage_train(config, args.max_minutes, resume=args.resume)
     if args.stage in ("all", "export"):
-        stage_export(config, init)
+        stage_export(config, chain, args.config)
     return 0
 
 

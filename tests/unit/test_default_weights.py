@@ -67,27 +67,32 @@ def test_readme_weights_table_is_the_record_s() -> None:
 
 
 def test_record_recipe_is_the_shipped_job() -> None:
-    """``benchmarks/train_default_weights.py`` reproduces the record: same job (and chain, if any)."""
+    """``benchmarks/train_default_weights.py`` reproduces the record: the same final job and the same chain
+    of jobs before it, each trained to its configured iterations."""
     from drcr_model.train import TrainConfig
 
     mod = _train_default_weights()
     meta = json.loads((WEIGHTS / "default.json").read_text())["meta"]
-    final = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights.toml")
+    config_path = meta["reproduce"].split("--config ")[1].split()[0]
+    final = TrainConfig.from_toml(mod.REPO / config_path)
     assert TrainConfig.from_dict(meta["training_recipe"]) == dataclasses.replace(final, iterations=meta["iterations"])
     assert final.total_iterations == meta["iterations"]  # the plain command trains exactly that far
-    assert mod._init_job(final, mod.REPO / "jobs" / "default_weights.toml") is None
+    chain = mod.init_chain(final)
+    assert [TrainConfig.from_dict(r) for r in meta["init_recipes"]] == chain
+    assert chain[0] == TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights.toml")
+    assert meta["iterations_total"] == sum(j.total_iterations for j in chain) + meta["iterations"]
     finetune = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights_finetune.toml")
-    assert mod._init_job(finetune, mod.REPO / "jobs" / "default_weights.toml") == final
+    assert mod.init_chain(finetune) == [chain[0]]
 
 
 def test_candidate_jobs_chain_to_the_shipped_job() -> None:
-    """Every ``jobs/default_weights_*.toml`` starts from the shipped job's ``last.pth`` (stage ``init``)."""
+    """Every ``jobs/default_weights_*.toml`` descends from ``jobs/default_weights.toml`` (stage ``init``)."""
     from drcr_model.train import TrainConfig
 
     mod = _train_default_weights()
     final = TrainConfig.from_toml(mod.REPO / "jobs" / "default_weights.toml")
     for job in sorted((mod.REPO / "jobs").glob("default_weights_*.toml")):
-        assert mod._init_job(TrainConfig.from_toml(job), mod.REPO / "jobs" / "default_weights.toml") == final, job
+        assert mod.init_chain(TrainConfig.from_toml(job))[0] == final, job
 
 
 def test_curve_stage_scores_the_start_every_checkpoint_and_last(tmp_path, monkeypatch) -> None:
