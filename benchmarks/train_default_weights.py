@@ -1,8 +1,8 @@
 """Reproduce the default weights shipped in ``drcr_model/weights/`` (trained on synthetic scenes).
 
-    nice -n 10 python benchmarks/train_default_weights.py                  # train, export + evaluate
+    nice -n 10 python benchmarks/train_default_weights.py                  # train the chain, export + evaluate
     nice -n 10 python benchmarks/train_default_weights.py --stage train --resume   # continue a stopped run
-    python benchmarks/train_default_weights.py --stage export              # reuse runs/default_weights/last.pth
+    python benchmarks/train_default_weights.py --stage export              # reuse the last job's last.pth
     python benchmarks/train_default_weights.py --stage table               # README "Weights" table from default.json
     python benchmarks/train_default_weights.py --config JOB --stage curve --every 200   # held-out curve of JOB
     nice -n 10 python benchmarks/train_default_weights.py --config jobs/default_weights_finetune.toml
@@ -47,6 +47,9 @@ from drcr_model.train import TrainConfig, Trainer, make_dataset, poly_lr  # noqa
 log = logging.getLogger("train_default_weights")
 
 WEIGHTS_DIR = REPO / "drcr_model" / "weights"
+#: The job that made the shipped weights (its init chain is found in ``jobs/``): the default ``--config``, so
+#: the plain command reproduces them rather than overwriting them with an earlier job's.
+SHIPPED_JOB = REPO / "jobs" / "default_weights_scene64_long.toml"
 HELDOUT = {"seed": 1000, "n_scenes": 8, "scene_size": 256}
 README_ROWS = (
     ("drcr", "DRCR {channels}/{n_blocks} (default.pt)"),
@@ -240,7 +243,7 @@ def init_chain(config: TrainConfig) -> list[TrainConfig]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "jobs" / "default_weights.toml"))
+    p.add_argument("--config", default=str(SHIPPED_JOB))
     p.add_argument("--stage", choices=["all", "init", "train", "export", "table", "curve"], default="all")
     p.add_argument("--every", type=int, default=200, help="curve: evaluate every this many iterations")
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-time cap for the final job (0: none)")

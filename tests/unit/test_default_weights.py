@@ -74,6 +74,7 @@ def test_record_recipe_is_the_shipped_job() -> None:
     mod = _train_default_weights()
     meta = json.loads((WEIGHTS / "default.json").read_text())["meta"]
     config_path = meta["reproduce"].split("--config ")[1].split()[0]
+    assert mod.REPO / config_path == mod.SHIPPED_JOB  # the script's default --config reproduces the record
     final = TrainConfig.from_toml(mod.REPO / config_path)
     assert TrainConfig.from_dict(meta["training_recipe"]) == dataclasses.replace(final, iterations=meta["iterations"])
     assert final.total_iterations == meta["iterations"]  # the plain command trains exactly that far
