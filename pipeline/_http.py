@@ -25,21 +25,20 @@ from typing import Any
 import aiohttp
 from aiobotocore.httpsession import AIOHTTPSession
 
+# The bounds are read from the module at each use, so a test can lower them.
+from pipeline import storage
+
 
 class BoundedSession(AIOHTTPSession):
     """The aiohttp session of every S3 client this package builds (``config_kwargs["http_session_cls"]``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from pipeline import storage  # read at construction, so a test can lower the bound
-
         base: aiohttp.ClientTimeout = self._timeout  # type: ignore[has-type]
         connect = storage.POOL_WAIT_S + (base.sock_connect or 0.0)
         self._timeout = aiohttp.ClientTimeout(sock_connect=base.sock_connect, sock_read=base.sock_read, connect=connect)
 
     def _get_request_timeout(self, request: Any) -> aiohttp.ClientTimeout:
-        from pipeline import storage
-
         base = super()._get_request_timeout(request) or self._timeout
         size = int(request.headers.get("Content-Length") or 0)
         total = None
