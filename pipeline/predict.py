@@ -136,9 +136,14 @@ class BatchAttempts:
             os.unlink(self._kept_path(image))
 
 
+def _attempt_key(group: str, step: str) -> str:
+    """The key the attempt counter keeps for one step (a batch's index, or a pass) of a group's work."""
+    return f"{group}#{step}"
+
+
 def _step_key(image: str, step: str) -> str:
     """The attempt key of one step of an image's call: the same key as its batch row would have."""
-    return image.removesuffix("#image") + "#" + step
+    return _attempt_key(image.removesuffix("#image"), step)
 
 
 class _Poisoned(Exception):
@@ -194,7 +199,7 @@ class Predict:
         if b.count == 0:
             return base
         assert b.meta is not None
-        key = f"{b.meta.group}#{b.index}"
+        key = _attempt_key(b.meta.group, str(b.index))
         attempt = self._ask(self.attempts.begin, key) or 0
         if attempt > 1:
             log.warning(
