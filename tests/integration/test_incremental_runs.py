@@ -127,12 +127,6 @@ def _check_cubes_complete(spec: JobSpec, opts: dict[str, Any], groups: list[str]
         assert np.isfinite(np.asarray(grp["cube"][:])).all(), g
 
 
-# Known intermittent failure, open: rclone's S3 server now and then ends a ranged GET early ("received 0 of
-# 21 bytes", aiohttp ClientPayloadError) for every one of s3fs's 5 quick retries (~1 s of backoff), and the
-# tar being listed then fails as an archive row (219 ok, 1 failed; seen in 1 of 2 clean CI runs on
-# 2026-12-02). The store write that used to hang this test is fixed (pipeline/_http.py). Non-strict, so a
-# pass reports XPASS; a hang is still bounded by the suite's time-out.
-@pytest.mark.xfail(strict=False, reason="rclone S3 server intermittently truncates a ranged GET past s3fs's retries; open")
 def test_reruns_skip_without_reading_redo_only_what_changed_and_the_catalog_accumulates(
     archive: Any, ray_local: Any, read_counter: ReadCounter
 ) -> None:

@@ -97,6 +97,36 @@ def test_restart_keeps_data(s3_bucket) -> None:
     assert fs.find(join(s3_bucket.name, "persist")) == [path]
 
 
+def test_the_server_answers_from_its_files_not_a_stale_listing(s3_bucket) -> None:
+    """The test server's directory cache entry outlives the object's file: the next read says what the files
+    say (NoSuchKey) within s3fs's retries, as S3's read-after-write consistency would, and never promises
+    the old size with no body (``ClientPayloadError: received 0 of 21 bytes`` on every retry, with rclone's
+    default 5-minute cache; see ``s3server.RCLONE_CACHE_ARGS``). A file replaced the same way reads as the
+    new one."""
+    import time
+
+    if s3_bucket.server.backend != "rclone":
+        pytest.skip("rclone's directory cache; moto keeps objects in memory")
+    url, options = s3_bucket
+    on_disk = s3_bucket.server.root / s3_bucket.name / "g/preview/2/c/0/0"
+    for name, change, expected in (("gone", None, None), ("replaced", b"b" * 30, b"b" * 30)):
+        fs, path = open_fs(join(url, f"g/preview/2/c/0/0/{name}"), options)
+        write_bytes(fs, path, b"a" * 21)  # the size of a preview chunk the incremental-runs test once failed on
+        assert read_bytes(fs, path) == b"a" * 21  # the server now holds the entry
+        if change is None:
+            (on_disk / name).unlink()
+        else:
+            (on_disk / ".tmp").write_bytes(change)
+            (on_disk / ".tmp").replace(on_disk / name)
+        t0 = time.monotonic()
+        if expected is None:
+            with pytest.raises(FileNotFoundError):
+                read_bytes(fs, path)
+        else:
+            assert read_bytes(fs, path) == expected
+        assert time.monotonic() - t0 < 3, name  # s3fs's 5 quick retries span ~1.9 s
+
+
 def test_outage_ridden_out_by_client_retries(s3_bucket) -> None:
     """Server down for ~1.5 s while a read is in flight: botocore's retries (not ours) carry it through."""
     url, options = s3_bucket
