@@ -4,7 +4,7 @@
     nice -n 10 python benchmarks/train_default_weights.py --stage train --resume   # continue a stopped run
     python benchmarks/train_default_weights.py --stage export              # reuse the last job's last.pth
     python benchmarks/train_default_weights.py --stage table               # README "Weights" table from default.json
-    python benchmarks/train_default_weights.py --config JOB --stage curve --every 200   # held-out curve of JOB
+    python benchmarks/train_default_weights.py --config JOB --stage curve --every 200   # held-out + validation curve of JOB
     nice -n 10 python benchmarks/train_default_weights.py --config jobs/default_weights_finetune.toml
 
 A job whose ``init_weights`` is another job's ``last.pth`` (``jobs/default_weights_finetune.toml`` starts
@@ -194,14 +194,16 @@ def curve_table(config: TrainConfig, every: int) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for it, source in points:
         obj, sha = read_checkpoint(source)
+        net: DRCRNet | None = None  # built once per checkpoint, and only if a scene set is not cached
         values: list[float] = []
         for name, scenes in scene_sets.items():
             key = f"{sha} {json.dumps(scenes, sort_keys=True)}"
             if key not in cache:
                 if name not in loaded:
                     loaded[name] = heldout_synthetic(**scenes)
-                net = DRCRNet(**dataclasses.asdict(config.model))
-                load_state_dict(net, extract_state_dict(obj, source=source), source=source)
+                if net is None:
+                    net = DRCRNet(**dataclasses.asdict(config.model))
+                    load_state_dict(net, extract_state_dict(obj, source=source), source=source)
                 cache[key] = _heldout_mrae_rmse(net, loaded[name])
                 cache_path.write_text(json.dumps(cache, indent=1))
             values += cache[key]
