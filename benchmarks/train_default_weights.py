@@ -50,7 +50,7 @@ log = logging.getLogger("train_default_weights")
 WEIGHTS_DIR = REPO / "drcr_model" / "weights"
 #: The job that made the shipped weights (its init chain is found in ``jobs/``): the default ``--config``, so
 #: the plain command reproduces them rather than overwriting them with an earlier job's.
-SHIPPED_JOB = REPO / "jobs" / "default_weights_scene64_rmse8.toml"
+SHIPPED_JOB = REPO / "jobs" / "default_weights_b3.toml"
 #: The scenes the README's Weights table reports (``jobs/evaluate_synthetic.toml`` scores the same ones). 64,
 #: because one scene moved an 8-scene mean by 0.07 (the first 8 of these were the set until 2026-12-02).
 HELDOUT = {"seed": 1000, "n_scenes": 64, "scene_size": 256}
@@ -171,7 +171,7 @@ def _heldout_mrae_rmse(model: torch.nn.Module, heldout: dict[str, list[Any]]) ->
 
 def curve_table(config: TrainConfig, every: int) -> str:
     """Held-out and validation MRAE / RMSE of a job's checkpoints (every ``every`` iterations, then ``last.pth``)."""
-    from drcr_model.checkpoint import extract_state_dict, load_state_dict, read_checkpoint
+    from drcr_model.checkpoint import extract_state_dict, infer_config, load_state_dict, read_checkpoint
     from drcr_model.evaluate import heldout_synthetic
     from drcr_model.net import DRCRNet
 
@@ -201,9 +201,10 @@ def curve_table(config: TrainConfig, every: int) -> str:
             if key not in cache:
                 if name not in loaded:
                     loaded[name] = heldout_synthetic(**scenes)
-                if net is None:
-                    net = DRCRNet(**dataclasses.asdict(config.model))
-                    load_state_dict(net, extract_state_dict(obj, source=source), source=source)
+                if net is None:  # its own configuration: a deepening job starts from a shallower checkpoint
+                    sd = extract_state_dict(obj, source=source)
+                    net = DRCRNet(**infer_config(sd, source=source))
+                    load_state_dict(net, sd, source=source)
                 cache[key] = _heldout_mrae_rmse(net, loaded[name])
                 cache_path.write_text(json.dumps(cache, indent=1))
             values += cache[key]

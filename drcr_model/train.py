@@ -160,6 +160,9 @@ class TrainConfig:
         num_workers: Ray Train workers; 0 trains in this process without Ray.
         init_weights: optional checkpoint (path or URL, e.g. the authors' ``model.pth``) to start from
             instead of random initialisation; the optimizer starts fresh. Ignored when resuming.
+        deepen: let ``init_weights`` have fewer blocks than ``model``: the blocks it lacks are appended so
+            that the network starts out computing exactly what the checkpoint does
+            (:func:`drcr_model.grow.load_deepened`); without it a different depth is an error.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -180,6 +183,7 @@ class TrainConfig:
     threads: int = 0
     num_workers: int = 0
     init_weights: str = ""
+    deepen: bool = False
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
@@ -196,6 +200,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be ≥ 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be ≥ 1")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be ≥ 1")
+        _check(not self.deepen or bool(self.init_weights), "deepen", self.deepen, "needs init_weights")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be ≥ 0")
         _check(
             self.num_workers == 0 or self.batch_size % self.num_workers == 0,
@@ -362,7 +367,13 @@ class Trainer:
             from drcr_model.checkpoint import read_checkpoint
 
             obj, _ = read_checkpoint(config.init_weights)
-            load_state_dict(self.net, extract_state_dict(obj, source=config.init_weights), source=config.init_weights)
+            sd = extract_state_dict(obj, source=config.init_weights)
+            if config.deepen:
+                from drcr_model.grow import load_deepened
+
+                load_deepened(self.net, sd, source=config.init_weights)
+            else:
+                load_state_dict(self.net, sd, source=config.init_weights)
         self.local_batch = config.batch_size // world_size
         usable = len(dataset) // world_size * world_size
         self.iters_per_epoch = usable // world_size // self.local_batch

@@ -61,7 +61,8 @@ def _train_default_weights():  # type: ignore[no-untyped-def]
 def test_readme_weights_table_is_the_record_s() -> None:
     record = json.loads((WEIGHTS / "default.json").read_text())
     table = _train_default_weights().readme_table(record)
-    assert "| DRCR 32/2 (default.pt) | clean | " in table and len(table.splitlines()) == 8
+    label = "| DRCR {channels}/{n_blocks} (default.pt) | clean | ".format(**record["config"])
+    assert label in table and len(table.splitlines()) == 8
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert table in readme, "regenerate with: python benchmarks/train_default_weights.py --stage table"
 
@@ -116,9 +117,11 @@ def test_curve_stage_scores_the_start_every_checkpoint_and_last(tmp_path, monkey
         out_dir=str(tmp_path / "init"),
     )
     Trainer(base, make_dataset(base)).save(tmp_path / "init" / "last.pth")
-    job = dataclasses.replace(
+    job = dataclasses.replace(  # a deepening job: its start is scored with the start's own configuration
         base,
+        model=ModelConfig(channels=8, n_blocks=2),
         init_weights=str(tmp_path / "init" / "last.pth"),
+        deepen=True,
         iterations=5,
         checkpoint_every=2,
         log_every=1,
@@ -128,7 +131,7 @@ def test_curve_stage_scores_the_start_every_checkpoint_and_last(tmp_path, monkey
     rows = mod.curve_table(job, every=4).splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 4", "| 5"]  # start, every 4th, last
     last = torch.load(tmp_path / "job" / "last.pth", weights_only=True)
-    net = DRCRNet(3, 31, 8, 1)
+    net = DRCRNet(3, 31, 8, 2)
     net.load_state_dict(last["state_dict"])
     net.eval()
     clean = heldout_synthetic(seed=1000, n_scenes=2, scene_size=32)["clean"]
