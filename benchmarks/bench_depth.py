@@ -1,4 +1,4 @@
-"""CPU inference time of DRCR configurations side by side: is a deeper default within 2× today's time?
+"""CPU inference time of DRCR configurations side by side: is a deeper default within 2× the 2-block time?
 
 Each model is ``C/N`` (seeded weights of C channels, N blocks) or a checkpoint (its configuration is read
 from it: trained weights, whose re-calibration statistics need as many passes as they do in a run).

@@ -56,10 +56,12 @@ def mirrored(cube: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def regions(data: np.ndarray) -> list[list[tuple[int, int, np.ndarray]]]:
     """The default tiling's cores of the image, in batches of :data:`BATCH` (one region when it runs whole)."""
+    from bench_bigimage import default_halo
+
     from pipeline.config import TilingSpec
     from pipeline.tiling import plan_tiles
 
-    t = TilingSpec().with_halo_for(2)  # the default weights' 2 blocks
+    t = TilingSpec(halo=default_halo())
     _, h, w = data.shape
     tiles = plan_tiles(h, w, max_tile_pixels=t.max_tile_pixels, tile_core=t.tile_core, halo=t.halo)
     cores = [

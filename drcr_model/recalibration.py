@@ -3,7 +3,7 @@
 Each DRCR block pools its input twice: ``se1`` pools the block input ``x`` and ``se2`` pools
 ``se1(x) = x · g1``, whose mean is ``g1 · mean(x)``. So one statistic per block — the spatial mean of the
 block's input over the whole image, [C] — is all a tile lacks to compute exactly what the whole-image run
-computes (given a halo at least the receptive radius: 18 + 6 px per block, 36 for 3 blocks, 78 for 10). This module
+computes (given a halo at least the receptive radius: 18 + 6 px per block, 30 for 2 blocks, 78 for 10). This module
 runs the network on tiles with those means supplied (``DRCRNet.forward(x, means)``) and collects each
 tile's share of them: sums over a region of the tile (its core), so that over all tiles of an image the
 regions partition the image and the sums add up to the whole image's.

@@ -34,7 +34,7 @@ import tomli_w
 import torch
 
 from drcr_model.camera import DEFAULT_BANDS, simulate_rgb
-from drcr_model.checkpoint import extract_state_dict, load_state_dict
+from drcr_model.checkpoint import CheckpointError, extract_state_dict, infer_config, load_state_dict
 from drcr_model.datasets import Augment, Pair, PatchDataset, read_arad, read_paired_zarr
 from drcr_model.net import DRCRNet
 
@@ -159,7 +159,8 @@ class TrainConfig:
         threads: torch intra-op threads per process (0: leave torch's default).
         num_workers: Ray Train workers; 0 trains in this process without Ray.
         init_weights: optional checkpoint (path or URL, e.g. the authors' ``model.pth``) to start from
-            instead of random initialisation; the optimizer starts fresh. Ignored when resuming.
+            instead of random initialisation; the optimizer starts fresh. A resumed run reads it too (then
+            loads the resumed checkpoint over it), so it must still exist.
         deepen: let ``init_weights`` have fewer blocks than ``model``: the blocks it lacks are appended so
             that the network starts out computing exactly what the checkpoint does
             (:func:`drcr_model.grow.load_deepened`); without it a different depth is an error.
@@ -309,6 +310,16 @@ def build_pairs(data: DataConfig, bands: np.ndarray = DEFAULT_BANDS) -> list[Pai
     return pairs
 
 
+def _refuse_other_depth(have: Mapping[str, int], config: TrainConfig) -> None:
+    """A checkpoint that differs from ``[model]`` only in depth: say how to grow it, not just that it differs."""
+    want = dataclasses.asdict(config.model)
+    if have["n_blocks"] < want["n_blocks"] and all(have[k] == want[k] for k in want if k != "n_blocks"):
+        raise CheckpointError(
+            f"{config.init_weights}: {have['n_blocks']} blocks, [model] has {want['n_blocks']}; "
+            "set deepen = true to start from it with the missing blocks appended"
+        )
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -371,8 +382,10 @@ class Trainer:
             if config.deepen:
                 from drcr_model.grow import load_deepened
 
-                load_deepened(self.net, sd, source=config.init_weights)
+                appended = load_deepened(self.net, sd, source=config.init_weights)
+                log.info("%s: %d blocks appended (deepen)", config.init_weights, appended)
             else:
+                _refuse_other_depth(infer_config(sd, source=config.init_weights), config)
                 load_state_dict(self.net, sd, source=config.init_weights)
         self.local_batch = config.batch_size // world_size
         usable = len(dataset) // world_size * world_size

@@ -119,7 +119,7 @@ class TilingSpec:
     tile_core: side of each tile's core, the region it writes (multiple of 4 and of the output chunk).
     halo: context added on each side of the core (even); windows are shifted inwards at image borders.
       Unset, it follows the weights (:meth:`with_halo_for`): with ``"global"`` statistics their receptive
-      radius rounded up to a multiple of 4 (36 for the default 3-block weights, 80 for the NTIRE 10-block
+      radius rounded up to a multiple of 4 (32 for the default 2-block weights, 80 for the NTIRE 10-block
       ones), which makes the cube equal the whole-image run's; with ``"tile"`` statistics 32.
     statistics: the channel re-calibration statistics tiles run with — ``"global"`` (the whole image's,
       gathered from the tiles first: the cube equals the whole-image run's, given a halo at least the

@@ -83,7 +83,8 @@ def test_fingerprint_includes_the_package_version(monkeypatch: pytest.MonkeyPatc
 def test_unset_halo_follows_the_weights() -> None:
     spec = JobSpec(inputs=["a"], output="o")
     assert spec.tiling.halo is None
-    assert spec.with_halo_for({"n_blocks": 2}).tiling.halo == 32  # default weights: radius 30
+    assert spec.with_halo_for({"n_blocks": 2}).tiling.halo == 32  # the default weights: radius 30
+    assert spec.with_halo_for({"n_blocks": 3}).tiling.halo == 36  # radius 36
     assert spec.with_halo_for({"n_blocks": 10}).tiling.halo == 80  # NTIRE 100/10: radius 78
     assert spec.with_overrides({"tiling.statistics": "tile"}).with_halo_for({"n_blocks": 10}).tiling.halo == 32
     given = spec.with_overrides({"tiling.halo": 16})

@@ -54,7 +54,7 @@ def test_tiles_of_the_deepened_network_take_the_whole_image_means() -> None:
 
 def test_only_depth_may_differ_and_only_upwards() -> None:
     small = _trained_like(8, 2, seed=0)
-    with pytest.raises(CheckpointError, match=r"channels.*only n_blocks may"):
+    with pytest.raises(CheckpointError, match=r"'channels': 'checkpoint 8, model 16'.*only n_blocks may"):
         load_deepened(DRCRNet(3, 31, 16, 3), small.state_dict(), source="w.pth")
     with pytest.raises(CheckpointError, match="w.pth: .*more blocks"):
         load_deepened(DRCRNet(3, 31, 8, 1), small.state_dict(), source="w.pth")
@@ -87,7 +87,7 @@ def test_training_from_a_shallower_checkpoint_starts_at_its_loss_and_moves_the_n
         deepen=True,
     )
     pairs = _pairs()
-    with pytest.raises(CheckpointError):  # without ``deepen`` a different depth is refused
+    with pytest.raises(CheckpointError, match="w.pth: 1 blocks, .model. has 2; set deepen = true"):
         Trainer(dataclasses.replace(cfg, deepen=False), make_dataset(cfg, pairs))
     trainer = Trainer(cfg, make_dataset(cfg, pairs))
     x = torch.rand(1, 3, 16, 16)
@@ -102,3 +102,28 @@ def test_training_from_a_shallower_checkpoint_starts_at_its_loss_and_moves_the_n
 def test_deepen_needs_init_weights() -> None:
     with pytest.raises(ValueError, match="deepen=True: needs init_weights"):
         TrainConfig(deepen=True)
+
+
+def test_a_deepening_run_resumes_bit_for_bit(tmp_path) -> None:
+    small = _trained_like(8, 1, seed=6)
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "w.pth")
+    cfg = TrainConfig(
+        model=ModelConfig(channels=8, n_blocks=2),
+        data=DataConfig(n_scenes=2, scene_size=16, patch_size=8, stride=8),
+        max_iter=10,
+        batch_size=4,
+        out_dir=str(tmp_path / "run"),
+        init_weights=str(tmp_path / "w.pth"),
+        deepen=True,
+    )
+    pairs = _pairs()
+    straight = Trainer(cfg, make_dataset(cfg, pairs))
+    straight.run(4)
+    first = Trainer(cfg, make_dataset(cfg, pairs))
+    first.run(2)
+    first.save(tmp_path / "half.pth")
+    resumed = Trainer(cfg, make_dataset(cfg, pairs))
+    resumed.load(tmp_path / "half.pth")
+    resumed.run(4)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
