@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from test_train import _tiny_config, _tiny_pairs  # tests/unit is on sys.path (pytest prepend)
 
 from drcr_model.checkpoint import CheckpointError
 from drcr_model.grow import load_deepened
 from drcr_model.net import DRCRNet
 from drcr_model.recalibration import block_input_sums
-from drcr_model.train import DataConfig, ModelConfig, TrainConfig, Trainer, make_dataset
+from drcr_model.train import ModelConfig, TrainConfig, Trainer, make_dataset
 
 
 def _trained_like(channels: int, n_blocks: int, seed: int) -> DRCRNet:
@@ -64,29 +66,24 @@ def test_only_depth_may_differ_and_only_upwards() -> None:
         assert torch.equal(same.state_dict()[k], v), k
 
 
-def _pairs():
-    from drcr_model.camera import simulate_rgb
-    from drcr_model.datasets import Pair
-    from drcr_model.scenes import SceneConfig, make_scene
-
-    cfg = SceneConfig(height=16, width=16, regions=(2, 3))
-    return [Pair(f"s{i}", simulate_rgb(make_scene(i, cfg)), make_scene(i, cfg)) for i in range(2)]
-
-
-def test_training_from_a_shallower_checkpoint_starts_at_its_loss_and_moves_the_new_blocks(tmp_path) -> None:
-    small = _trained_like(8, 1, seed=5)
+def _deepening_job(tmp_path: Path, seed: int, lr: float) -> tuple[DRCRNet, TrainConfig]:
+    """A 1-block checkpoint saved as ``w.pth``, and a tiny 2-block job that starts from it deepened."""
+    small = _trained_like(8, 1, seed=seed)
     torch.save({"state_dict": small.state_dict()}, tmp_path / "w.pth")
-    cfg = TrainConfig(
+    cfg = _tiny_config(
+        tmp_path,
         model=ModelConfig(channels=8, n_blocks=2),
-        data=DataConfig(n_scenes=2, scene_size=16, patch_size=8, stride=8),
-        lr=1e-3,
+        lr=lr,
         max_iter=10,
-        batch_size=4,
-        out_dir=str(tmp_path / "run"),
         init_weights=str(tmp_path / "w.pth"),
         deepen=True,
     )
-    pairs = _pairs()
+    return small, cfg
+
+
+def test_training_from_a_shallower_checkpoint_starts_at_its_loss_and_moves_the_new_blocks(tmp_path) -> None:
+    small, cfg = _deepening_job(tmp_path, seed=5, lr=1e-3)
+    pairs = _tiny_pairs(2)
     with pytest.raises(CheckpointError, match="w.pth: 1 blocks, .model. has 2; set deepen = true"):
         Trainer(dataclasses.replace(cfg, deepen=False), make_dataset(cfg, pairs))
     trainer = Trainer(cfg, make_dataset(cfg, pairs))
@@ -105,18 +102,8 @@ def test_deepen_needs_init_weights() -> None:
 
 
 def test_a_deepening_run_resumes_bit_for_bit(tmp_path) -> None:
-    small = _trained_like(8, 1, seed=6)
-    torch.save({"state_dict": small.state_dict()}, tmp_path / "w.pth")
-    cfg = TrainConfig(
-        model=ModelConfig(channels=8, n_blocks=2),
-        data=DataConfig(n_scenes=2, scene_size=16, patch_size=8, stride=8),
-        max_iter=10,
-        batch_size=4,
-        out_dir=str(tmp_path / "run"),
-        init_weights=str(tmp_path / "w.pth"),
-        deepen=True,
-    )
-    pairs = _pairs()
+    _, cfg = _deepening_job(tmp_path, seed=6, lr=1e-4)
+    pairs = _tiny_pairs(2)
     straight = Trainer(cfg, make_dataset(cfg, pairs))
     straight.run(4)
     first = Trainer(cfg, make_dataset(cfg, pairs))
